@@ -1,0 +1,1 @@
+"""The truth for attnverify: attention semantics and framework-free references (numpy, mpmath)."""

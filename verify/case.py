@@ -1,0 +1,122 @@
+"""A case: plain data (numpy arrays + parameters) that any target, oracle or check can consume.
+
+Cases are what strategies produce and what findings save. They round-trip through ``.npz``
+(arrays; bf16 stored as its uint16 bit pattern) plus ``.json`` (parameters) without pickle and
+without Hypothesis, so ``attnverify repro FILE`` replays them anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from oracles import spec
+
+FORMAT_VERSION = 1
+_ARRAYS = ("q", "k", "v", "g", "mask", "bias")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One attention call to check: inputs, optional cotangent ``g`` and the call's parameters."""
+
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    g: np.ndarray | None = None
+    mask: np.ndarray | None = None
+    bias: np.ndarray | None = None
+    scale: float | None = None
+    causal: bool = False
+    query_chunk_size: int | None = None
+    key_chunk_size: int | None = None
+    family: str = "custom"
+    mask_kind: str = "none"
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def dtype(self) -> str:
+        return spec.dtype_name(self.q.dtype)
+
+    @property
+    def dims(self) -> dict[str, int]:
+        b, lq, hq, dk = self.q.shape
+        _, lk, hkv, dv = self.v.shape
+        return {"B": b, "Lq": lq, "Lk": lk, "Hq": hq, "Hkv": hkv, "Dk": dk, "Dv": dv}
+
+    def semantics(self) -> dict:
+        """Keyword arguments for ``spec.normalize`` and the oracles."""
+        return {"mask": self.mask, "bias": self.bias, "scale": self.scale, "causal": self.causal}
+
+    def describe(self) -> str:
+        """One line a reader can picture: shapes, chunks, scale, family and mask."""
+        d = self.dims
+        heads = f"Hq=Hkv={d['Hq']}" if d["Hq"] == d["Hkv"] else f"Hq={d['Hq']} Hkv={d['Hkv']}"
+        dims = f"Dk=Dv={d['Dk']}" if d["Dk"] == d["Dv"] else f"Dk={d['Dk']} Dv={d['Dv']}"
+        scale = "1/sqrt(Dk)" if self.scale is None else f"{self.scale:.6g}"
+        extra = []
+        if self.bias is not None:
+            extra.append(f"bias{list(self.bias.shape)}")
+        if self.causal:
+            extra.append("causal")
+        return (
+            f"B={d['B']} Lq={d['Lq']} Lk={d['Lk']} {heads} {dims} · query_chunk={self.query_chunk_size} "
+            f"key_chunk={self.key_chunk_size} · scale={scale} · family={self.family} mask={self.mask_kind}"
+            + (" · " + " ".join(extra) if extra else "")
+        )
+
+    def with_(self, **changes: object) -> Case:
+        return replace(self, **changes)
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``PATH.npz`` and ``PATH.json``; returns the .npz path."""
+        path = Path(path).with_suffix("")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays, dtypes = {}, {}
+        for name in _ARRAYS:
+            arr = getattr(self, name)
+            if arr is None:
+                continue
+            arr = np.asarray(arr)
+            dtypes[name] = "bool" if arr.dtype == np.bool_ else spec.dtype_name(arr.dtype)
+            arrays[name] = arr.view(np.uint16) if dtypes[name] == "bf16" else arr
+        np.savez(path.with_suffix(".npz"), **arrays)
+        params = {
+            "format": FORMAT_VERSION,
+            "dtypes": dtypes,
+            "scale": self.scale,
+            "causal": self.causal,
+            "query_chunk_size": self.query_chunk_size,
+            "key_chunk_size": self.key_chunk_size,
+            "family": self.family,
+            "mask_kind": self.mask_kind,
+            "meta": self.meta,
+        }
+        path.with_suffix(".json").write_text(json.dumps(params, indent=2, sort_keys=True) + "\n")
+        return path.with_suffix(".npz")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Case:
+        """Read a case written by ``save`` (given either the .npz or the .json path)."""
+        path = Path(path).with_suffix("")
+        params = json.loads(path.with_suffix(".json").read_text())
+        if params.get("format") != FORMAT_VERSION:
+            raise ValueError(f"{path}.json: unknown case format {params.get('format')!r}")
+        arrays = {}
+        with np.load(path.with_suffix(".npz"), allow_pickle=False) as data:
+            for name, dt in params["dtypes"].items():
+                arr = data[name]
+                arrays[name] = arr.view(spec.as_dtype("bf16")) if dt == "bf16" else arr
+        return cls(
+            **arrays,
+            scale=params["scale"],
+            causal=params["causal"],
+            query_chunk_size=params["query_chunk_size"],
+            key_chunk_size=params["key_chunk_size"],
+            family=params["family"],
+            mask_kind=params["mask_kind"],
+            meta=params.get("meta", {}),
+        )
