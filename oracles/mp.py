@@ -13,8 +13,10 @@ How it stays exact where it can and accurate where it cannot:
   and every later quantity is computed exactly from ``p~``: each output and gradient element is
   within about ``2**-prec`` of the exact value *relative to the same formula on absolute values*
   (``sum p |v|`` for an output), a componentwise bound.
-- Keys whose weight is below ``2**-(prec + 2300)`` of the row's largest are given weight 0: no
-  float64 input, however large, makes their contribution reach float64's smallest subnormal.
+- Keys whose weight is below ``2**-(prec + 5300)`` of the row's largest are given weight 0: no
+  float64 input, however large, makes their contribution reach float64's smallest subnormal, in
+  the output or in any gradient (a weight enters a gradient multiplied by at most
+  ``scale * |q or k| * |g| * |v| < 2**4096`` times dimension and length factors).
 - Results are rounded once, correctly (integer true division), to float64.
 
 ``DEFAULT_PREC = 160`` bits: the float64 results are the correctly rounded exact values unless an
@@ -34,7 +36,7 @@ from mpmath import libmp
 from oracles import spec
 
 DEFAULT_PREC = 160
-_CUT_BITS = 2300
+_CUT_BITS = 5300
 _LN2 = math.log(2.0)
 _RND = libmp.round_nearest
 
@@ -47,6 +49,7 @@ class Result:
     lse: np.ndarray
     mp_out: np.ndarray | None = None  # object arrays of mpmath.mpf, when asked for
     mp_lse: np.ndarray | None = None
+    p: np.ndarray | None = None  # float64 probabilities [B, Hq, Lq, Lk], when asked for
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class Grads:
     dbias: np.ndarray | None
     out: np.ndarray
     lse: np.ndarray
+    p: np.ndarray | None = None
 
 
 def _to_float(n: int, e: int, den: int = 1) -> float:
@@ -223,9 +227,10 @@ def _mpf_max(xs: list) -> tuple:
     return best
 
 
-def _forward(pb: _Problem, want_mp: bool) -> tuple[Result, dict]:
+def _forward(pb: _Problem, want_mp: bool, want_p: bool = False) -> tuple[Result, dict]:
     att = pb.att
     d = att.dims
+    p = np.zeros((d["B"], d["Hq"], d["Lq"], d["Lk"])) if want_p else None
     out = np.zeros((d["B"], d["Lq"], d["Hq"], d["Dv"]))
     lse = np.full((d["B"], d["Hq"], d["Lq"]), -np.inf)
     mp_out = np.zeros(out.shape, dtype=object) if want_mp else None
@@ -236,6 +241,8 @@ def _forward(pb: _Problem, want_mp: bool) -> tuple[Result, dict]:
         for h in range(d["Hq"]):
             blk = pb.block(b, h)
             blocks[b, h] = blk
+            if want_p:
+                p[b, h] = _floats(blk.p, blk.p_exp[:, None])
             exps = blk.p_exp + pb.v_exp
             out[b, :, h, :] = _floats(blk.o, exps[:, None])
             lse[b, h] = [_mpf_float(x) for x in blk.lse]
@@ -250,7 +257,11 @@ def _forward(pb: _Problem, want_mp: bool) -> tuple[Result, dict]:
                 out[b, rows, h, :] = _masked_rows_out(pb, b, h, att.masked_rows)
                 if att.masked_rows == "nan":
                     lse[b, h, rows] = np.nan
-    return Result(out, lse, mp_out, mp_lse), blocks
+                if want_mp:
+                    mp_out[b, rows, h, :] = _masked_rows_mp(pb, b, h, att.masked_rows)
+                    if att.masked_rows == "nan":
+                        mp_lse[b, h, rows] = mpmath.mp.make_mpf(libmp.fnan)
+    return Result(out, lse, mp_out, mp_lse, p), blocks
 
 
 def _masked_rows_out(pb: _Problem, b: int, h: int, policy: str) -> np.ndarray | float:
@@ -261,6 +272,20 @@ def _masked_rows_out(pb: _Problem, b: int, h: int, policy: str) -> np.ndarray | 
     lk = pb.att.k.shape[1]
     total = pb.v[b, :, int(pb.att.kv_head[h]), :].sum(axis=0)
     return _floats(total, pb.v_exp, lk)
+
+
+def _masked_rows_mp(pb: _Problem, b: int, h: int, policy: str) -> np.ndarray:
+    """``_masked_rows_out`` as mpf values (the uniform mean to ``prec + 20`` bits)."""
+    dv = pb.att.v.shape[-1]
+    if policy != "uniform":
+        raw = [libmp.fzero if policy == "zeros" else libmp.fnan] * dv
+    else:
+        lk = libmp.from_int(pb.att.k.shape[1])
+        total = pb.v[b, :, int(pb.att.kv_head[h]), :].sum(axis=0)
+        raw = [libmp.mpf_div(libmp.from_man_exp(int(t), pb.v_exp), lk, pb.prec + 20, _RND) for t in total]
+    res = np.empty(dv, dtype=object)
+    res[:] = [mpmath.mp.make_mpf(x) for x in raw]
+    return res
 
 
 def attention(
@@ -275,10 +300,15 @@ def attention(
     masked_rows: str = "zeros",
     prec: int = DEFAULT_PREC,
     mp_values: bool = False,
+    probs: bool = False,
 ) -> Result:
-    """Exact attention output and lse, rounded once to float64 (and as mpf with ``mp_values``)."""
+    """Exact attention output and lse, rounded once to float64.
+
+    ``mp_values`` adds the outputs and lse as mpf; ``probs`` adds the probabilities (float64),
+    which the tolerance model needs for its absolute-value scales.
+    """
     att = spec.normalize(q, k, v, mask=mask, bias=bias, scale=scale, causal=causal, masked_rows=masked_rows)
-    return _forward(_Problem(att, prec), mp_values)[0]
+    return _forward(_Problem(att, prec), mp_values, probs)[0]
 
 
 def attention_vjp(
@@ -293,12 +323,13 @@ def attention_vjp(
     causal: bool = False,
     masked_rows: str = "zeros",
     prec: int = DEFAULT_PREC,
+    probs: bool = False,
 ) -> Grads:
     """Exact ``dq, dk, dv, dbias`` for the cotangent ``g`` of ``out`` (and the forward values)."""
     att = spec.normalize(q, k, v, mask=mask, bias=bias, scale=scale, causal=causal, masked_rows=masked_rows)
     g = spec.check_cotangent(att, g)
     pb = _Problem(att, prec)
-    fwd, blocks = _forward(pb, False)
+    fwd, blocks = _forward(pb, False, probs)
     gi, g_exp = _dyadic(g)
     d = att.dims
     uniform = att.masked_rows == "uniform"
@@ -318,10 +349,12 @@ def attention_vjp(
         dp = g_bh.dot(v_bh.T)
         # delta_i = g_i . o_i, exact at exponent g_exp + v_exp + p_exp[i].
         delta = (g_bh * blk.o).sum(axis=1)
-        shift = np.array([1 << int(-e) if e <= 0 else 0 for e in blk.p_exp], dtype=object)
-        if any(e > 0 for e in blk.p_exp):
-            raise AssertionError("probability exponents must be non-positive")
-        diff = dp * shift[:, None] - delta[:, None]
+        # ds_ij = p_ij (dp_ij - delta_i) assumes sum_k p_ik = 1; the rounded p~ sum to
+        # S_i = 1 + O(2**-prec), so use dp_ij S_i - delta_i = sum_k p~_ik (dp_ij - dp_ik): then
+        # sum_j ds_ij = 0 exactly, and ds cancels no more than the exact formula does (a dominant
+        # key's ds = p_0 sum_k p_k (dp_0 - dp_k) keeps its relative accuracy).
+        psum = blk.p.sum(axis=1)  # S_i at exponent p_exp[i]
+        diff = dp * psum[:, None] - delta[:, None]
         ds = blk.p * diff  # row i at exponent 2 p_exp[i] + g_exp + v_exp
         ds_al, ds_exp = _align_rows(ds, 2 * blk.p_exp)
         ds_exp += g_exp + pb.v_exp
@@ -364,4 +397,4 @@ def attention_vjp(
             dbias_f[0 if bias4[0] == 1 else b, 0 if bias4[1] == 1 else h, rr, :] = np.nan
     if dbias_f is not None:
         dbias_f = dbias_f.reshape(att.bias_shape)
-    return Grads(dq, dk_f, dv_f, dbias_f, fwd.out, fwd.lse)
+    return Grads(dq, dk_f, dv_f, dbias_f, fwd.out, fwd.lse, fwd.p)

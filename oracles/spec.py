@@ -60,6 +60,20 @@ def unit_roundoff(dtype: object) -> float:
     return 2.0 ** -_MANTISSA_BITS[dtype_name(dtype)]
 
 
+def finfo(dtype: object) -> ml_dtypes.finfo:
+    """Machine limits (max, tiny, smallest_subnormal, ...) of a supported dtype, bf16 included."""
+    return ml_dtypes.finfo(as_dtype(dtype))
+
+
+def ulp(x: np.ndarray | float, dtype: object) -> np.ndarray:
+    """Spacing of ``dtype``'s numbers at |x| (the subnormal spacing below the normal range)."""
+    info = finfo(dtype)
+    ax = np.abs(np.asarray(x, dtype=np.float64))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        e = np.floor(np.log2(np.maximum(ax, float(info.tiny))))
+    return np.exp2(e - (_MANTISSA_BITS[dtype_name(dtype)] - 1))
+
+
 def _shape(x: np.ndarray) -> str:
     return "[" + ", ".join(str(n) for n in x.shape) + "]"
 
