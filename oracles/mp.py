@@ -213,7 +213,7 @@ class _Problem:
             pairs = [_mpf_int_exp(libmp.mpf_div(x, total, prec, _RND)) for x in e]
             base = min(ex for n, ex in pairs if n)
             p_exp[i] = base
-            for j, (n, ex) in zip(cols, pairs):
+            for j, (n, ex) in zip(cols, pairs, strict=True):
                 p[i, j] = n << (ex - base) if n else 0
         o = p.dot(self.v[b, :, kvh, :])
         return _Block(p, p_exp, o, lse)

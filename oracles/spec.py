@@ -101,7 +101,7 @@ def _broadcast_shape(name: str, arr: np.ndarray, target: tuple[int, ...]) -> tup
     if arr.ndim > 4:
         raise ValueError(f"{name} {_shape(arr)} has more than 4 dims; target [B, Hq, Lq, Lk] = {list(target)}")
     padded = (1,) * (4 - arr.ndim) + arr.shape
-    for have, want in zip(padded, target):
+    for have, want in zip(padded, target, strict=True):
         if have not in (1, want):
             raise ValueError(
                 f"{name} {_shape(arr)} is not broadcastable to [B, Hq, Lq, Lk] = {list(target)}"
@@ -221,7 +221,7 @@ def check_cotangent(att: Attention, g: object) -> np.ndarray:
 def reduce_to_shape(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """Sum a [B, Hq, Lq, Lk] array over the axes that ``shape`` broadcasts (for dbias)."""
     padded = (1,) * (x.ndim - len(shape)) + tuple(shape)
-    axes = tuple(i for i, (have, n) in enumerate(zip(padded, x.shape)) if have == 1 and n != 1)
+    axes = tuple(i for i, (have, n) in enumerate(zip(padded, x.shape, strict=True)) if have == 1 and n != 1)
     return x.sum(axis=axes, keepdims=True).reshape(shape)
 
 
