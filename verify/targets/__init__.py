@@ -8,7 +8,7 @@ framework disables only the targets that need it. ``import verify.targets`` impo
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from collections.abc import Callable
 
 from verify.targets.base import FEATURES, Adapter, Contract, TargetInfo, Unavailable, Unsupported
 
