@@ -5,8 +5,8 @@ target's forward and VJP under a time limit, and returns findings in named categ
 
 - ``forward`` / ``grad``: a finite value beyond its allowance;
 - ``overflow``: non-finite where the exact value is finite (and finite in the dtype);
-- ``underflow``: the exact value is a normal number of the dtype, the target gives 0 or a
-  subnormal, and the difference is beyond the allowance;
+- ``underflow``: the exact value is a normal number of the dtype near the bottom of its range
+  (below ``tiny / u``), the target gives 0 or a subnormal, beyond the allowance;
 - ``masked-row``: a fully masked row that breaks the declared policy (output, or ``dq``);
 - ``shape`` / ``dtype``: wrong output shape or dtype; ``crash``: the target raised;
   ``timeout``: a call ran past its limit.
@@ -154,8 +154,11 @@ class _Comparer:
         if masked_bad.any():
             self._worst("masked-row", check, output, masked_bad, got, want, allow, err,
                         detail=f"declared masked-row policy {policy!r}")
+        # Underflow: a normal exact value near the bottom of the range (within 1/u of the smallest
+        # normal) lost to 0 or a subnormal. A 0 where the exact value is ~1 is a value bug.
         tiny = float(info.tiny)
-        under = beyond & ~masked & (np.abs(want) >= tiny) & (np.abs(got) < tiny)
+        near = (np.abs(want) >= tiny) & (np.abs(want) < tiny / spec.unit_roundoff(dtype))
+        under = beyond & ~masked & near & (np.abs(got) < tiny)
         over = nonfinite & ~masked
         value = beyond & ~masked & ~under
         for category, sel in (("overflow", over), ("underflow", under), (check, value)):

@@ -52,7 +52,8 @@ class Settings:
     timeout: float = DEFAULT_TIMEOUT
     database: Path | None = DEFAULT_DATABASE
     repro_dir: Path = Path("findings")
-    max_len: int = 33
+    max_len: int = 65
+    max_findings: int | None = None  # stop the campaign once this many are found (mutant kills)
 
 
 @dataclass
@@ -120,6 +121,8 @@ def run(adapter: Adapter, sett: Settings, on_finding: Callable[[Finding], None] 
             camp.examples[dtype] = 0
             camp.worst_ratio[dtype] = {}
             _fuzz_dtype(adapter, sett, dtype, camp, db, start, on_finding, flush)
+            if sett.max_findings is not None and len(camp.findings) >= sett.max_findings:
+                break
     except KeyboardInterrupt as exc:
         camp.interrupted = not isinstance(exc, _BudgetSpent)
         if camp.interrupted:
@@ -185,3 +188,5 @@ def _fuzz_dtype(adapter: Adapter, sett: Settings, dtype: str, camp: Campaign, db
             if on_finding:
                 on_finding(f)
         flush()
+        if sett.max_findings is not None and len(camp.findings) >= sett.max_findings:
+            return

@@ -19,10 +19,11 @@ Notation (per batch b and query head h; ``p`` the exact probabilities, from the 
   float64 while its logit error exceeds exp's range) is *unconstrained*: any answer is within
   the contract (say, bf16-rounded logits of 1e4), and the campaign counts such rows.
 - Output allowance:
-  ``slack * [ (p*r) @ |v| + A * (u + 4*ua + 2*gamma(Lk) + [round_probs]*u) + floor ]``
-  where the terms are: logit error; final rounding to the dtype; exp and division; the row
-  sum and ``p @ v`` accumulations; probabilities rounded to the dtype.
-- Gradient allowances: ``dS`` errs by ``dSe = (p*r)*(dPa + da) + p * (|g| . allow_out)``;
+  ``u*A + slack * [ (p*r) @ |v| + A * (4*ua + 2*gamma(Lk) + [round_probs]*u) + floor ]``
+  where the terms are: final rounding to the dtype (rigorous, so without slack); logit error;
+  exp and division; the row sum and ``p @ v`` accumulations; probabilities rounded to the dtype.
+- Gradient allowances: ``dS`` errs by ``dSe = (p*r)*(dPa + da) + p * (|g| . allow_out)``
+  (``delta`` is computed from the target's own rounded output);
   ``dq: scale * dSe @ |k| + rho*Sdq``, ``dk: scale * dSe^T @ |q| + rho*Sdk``,
   ``dv: (p*r)^T @ |g| + rho*Sdv``, ``dbias: dSe + rho*Sdbias``, all times ``slack``, with
   ``rho = 4*u + 2*gamma(max(Lq, Lk, Dk, Dv) + 2)`` (gradients rounded to the dtype, ``dS`` and
@@ -142,10 +143,11 @@ def bound(case: Case, contract: Contract, p: np.ndarray, masked_rows: str = "zer
     rounded = contract.round_probs or contract.accumulate == "input"
     pr = pr + (0.5 * _subnormal_min(dtype) if rounded else 0.0) * vis
     big_a = np.einsum("bhqk,bhkd->bhqd", p, av)
-    rel = u + 4 * ua + 2 * _gamma(d["Lk"], ua) + (u if rounded else 0.0)
+    rel = 4 * ua + 2 * _gamma(d["Lk"], ua) + (u if rounded else 0.0)
     floor_o = (d["Lk"] + 2) * _tiny(acc) + _subnormal_min(dtype)
     with np.errstate(invalid="ignore"):
-        allow_o = SLACK * (np.einsum("bhqk,bhkd->bhqd", pr, av) + big_a * rel + floor_o)
+        # The final rounding to the dtype is rigorously <= u*|o| <= u*A: it takes no slack.
+        allow_o = u * big_a + SLACK * (np.einsum("bhqk,bhkd->bhqd", pr, av) + big_a * rel + floor_o)
     out = spec.to_seq_first(allow_o)
     result = Allowance(out, spec.to_seq_first(big_a), unconstrained_rows=unconstrained, u=u)
     if case.g is None:
@@ -157,7 +159,7 @@ def bound(case: Case, contract: Contract, p: np.ndarray, masked_rows: str = "zer
     da = (ag * big_a).sum(-1, keepdims=True)
     dsa = p * (dpa + da)
     with np.errstate(invalid="ignore"):
-        dse = pr * (dpa + da) + p * (ag * allow_o / SLACK).sum(-1, keepdims=True)
+        dse = pr * (dpa + da) + p * (ag * allow_o).sum(-1, keepdims=True)
         dse = dse + (0.5 * _subnormal_min(dtype) if rounded else 0.0) * vis
     rho = 4 * u + 2 * _gamma(max(d["Lq"], d["Lk"], d["Dk"], d["Dv"]) + 2, ua)
     mag = max(1.0, float(np.abs(scale)) * max(float(aq.max()), float(ak.max())), float(ag.max()), float(av.max()))
