@@ -111,7 +111,7 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
 def cmd_fuzz(args: argparse.Namespace) -> int:
     """Run a campaign; print each finding; exit 1 if anything was found."""
-    from verify import fuzz
+    from verify import fuzz, strategies
 
     adapter = _load(args)
     checks = tuple(args.checks)
@@ -119,7 +119,15 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
         if c not in ("forward", "grad"):
             raise UsageError(f"unknown check {c!r}; known: forward, grad")
     dtypes = tuple(spec.dtype_name(d) for d in args.dtypes)
-    sett = fuzz.Settings(
+    extra = {}
+    for flag, value, known in (("families", args.families, strategies.FAMILIES),
+                               ("mask_kinds", args.masks, strategies.MASK_KINDS)):
+        if value:
+            unknown = sorted(set(value) - set(known))
+            if unknown:
+                raise UsageError(f"unknown {flag.replace('_', ' ')} {', '.join(unknown)}; known: {', '.join(known)}")
+            extra[flag] = tuple(value)
+    sett = fuzz.Settings(**extra,
         dtypes=dtypes, checks=checks, max_examples=args.max_examples, budget=args.budget, seed=args.seed,
         policy=args.tolerance, timeout=args.timeout,
         database=None if args.no_database else Path(args.database), repro_dir=Path(args.repro_dir),
@@ -189,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--budget", type=float, help="seconds for the whole campaign")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--tolerance", choices=("bound", "naive"), default="bound")
+    f.add_argument("--families", type=_csv, help="value families to draw (default: all)")
+    f.add_argument("--masks", type=_csv, help="mask kinds to draw (default: all)")
     f.add_argument("--timeout", type=float, default=120.0, help="seconds per target call")
     f.add_argument("--json", help="write the campaign's results here")
     f.add_argument("--repro-dir", default="findings")

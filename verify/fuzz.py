@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from hypothesis import HealthCheck, Phase, given, seed, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.database import DirectoryBasedExampleDatabase
 
 from verify import strategies
@@ -54,6 +54,8 @@ class Settings:
     repro_dir: Path = Path("findings")
     max_len: int = 65
     max_findings: int | None = None  # stop the campaign once this many are found (mutant kills)
+    families: tuple[str, ...] = strategies.FAMILIES
+    mask_kinds: tuple[str, ...] = strategies.MASK_KINDS
 
 
 @dataclass
@@ -138,7 +140,8 @@ def _fuzz_dtype(adapter: Adapter, sett: Settings, dtype: str, camp: Campaign, db
     info = adapter.info
     found: set[str] = set()
     grad = "grad" in sett.checks and "grad" in info.features
-    strategy = strategies.cases(dtypes=(dtype,), features=info.features, grad=grad, max_len=sett.max_len)
+    strategy = strategies.cases(dtypes=(dtype,), features=info.features, grad=grad, max_len=sett.max_len,
+                                families=sett.families, mask_kinds=sett.mask_kinds)
     current: dict = {}
 
     while True:
@@ -166,13 +169,14 @@ def _fuzz_dtype(adapter: Adapter, sett: Settings, dtype: str, camp: Campaign, db
                 current["case"], current["findings"] = case, new
                 raise _NewFinding(", ".join(sorted({f.category for f in new})))
 
+        if sett.seed is not None:
+            # What @seed does, minus its switching the database off: seeded runs still replay.
+            prop._hypothesis_internal_use_seed = sett.seed + len(found)
         test = settings(
             max_examples=remaining, database=db, deadline=None, derandomize=False,
             suppress_health_check=list(HealthCheck), report_multiple_bugs=False, print_blob=False,
             phases=(Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink),
         )(given(strategy)(prop))
-        if sett.seed is not None:
-            test = seed(sett.seed + len(found))(test)
         key = f"{info.name}|{dtype}|{','.join(sorted(found))}|{sett.policy}|{','.join(sett.checks)}"
         test.hypothesis.inner_test._hypothesis_internal_add_digest = key.encode()
         try:

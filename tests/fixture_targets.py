@@ -1,0 +1,81 @@
+"""Small numpy targets for the harness's own tests: one correct reference and one per failure mode.
+
+Each is importable as ``tests.fixture_targets:NAME`` (from the repository root) and carries its
+metadata in ``fn.attnverify``, so the CLI needs no other flags.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from oracles import naive
+
+_CONTRACT = {"accumulate": "fp32", "round_logits": True, "round_probs": True}
+
+
+def _meta(fn, features=("mask", "bias", "causal", "gqa", "grad")):
+    fn.attnverify = {"framework": "numpy", "features": list(features), "contract": _CONTRACT}
+    return fn
+
+
+def _same_dtype(q, k, v, **kw):
+    return naive.attention(q, k, v, dtype=q.dtype, **kw).out.astype(q.dtype)
+
+
+def _same_dtype_vjp(q, k, v, g, *, bias=None, **kw):
+    r = naive.attention_vjp(q, k, v, g, bias=bias, dtype=q.dtype, **kw)
+    grads = {"dq": r.dq.astype(q.dtype), "dk": r.dk.astype(q.dtype), "dv": r.dv.astype(q.dtype)}
+    if bias is not None:
+        grads["dbias"] = r.dbias.astype(bias.dtype)
+    return grads
+
+
+def reference(q, k, v, **kw):
+    """A correct plain implementation in the input dtype (fp32 accumulation, rounded logits/probs)."""
+    return _same_dtype(q, k, v, **kw)
+
+
+reference.vjp = _same_dtype_vjp
+_meta(reference)
+
+
+def crashes(q, k, v, **kw):
+    raise RuntimeError("kernel launch failed")
+
+
+def hangs(q, k, v, **kw):
+    time.sleep(3)
+    return _same_dtype(q, k, v, **kw)
+
+
+def wrong_shape(q, k, v, **kw):
+    return _same_dtype(q, k, v, **kw)[:, :, :, :1].copy()
+
+
+def wrong_dtype(q, k, v, **kw):
+    return _same_dtype(q, k, v, **kw).astype(np.float64)
+
+
+def nan_output(q, k, v, **kw):
+    out = _same_dtype(q, k, v, **kw)
+    out[0, 0, 0, 0] = np.nan
+    return out
+
+
+def flush_tiny(q, k, v, **kw):
+    """Flushes every output below 2**-100 to zero: an underflow bug for tiny values."""
+    out = _same_dtype(q, k, v, **kw)
+    out[np.abs(out.astype(np.float64)) < 2.0**-100] = 0
+    return out
+
+
+def masked_rows_nan(q, k, v, **kw):
+    """Returns NaN on fully masked rows while declaring the zeros policy."""
+    kw = {**kw, "masked_rows": "nan"}
+    return naive.attention(q, k, v, dtype=q.dtype, **kw).out.astype(q.dtype)
+
+
+for _fn in (crashes, hangs, wrong_shape, wrong_dtype, nan_output, flush_tiny, masked_rows_nan):
+    _meta(_fn, ("mask", "bias", "causal", "gqa"))

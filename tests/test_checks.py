@@ -1,0 +1,132 @@
+"""Checks and the tolerance model: each finding category is produced by the failure it names."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from oracles import mp
+from tests import fixture_targets as ft
+from verify import checks, tolerance
+from verify.case import Case
+from verify.targets import load
+from verify.targets.base import Contract
+
+
+def _case(dtype: str = "fp32", seed: int = 0, lq: int = 5, lk: int = 7, g: bool = True, **kw) -> Case:
+    rng = np.random.default_rng(seed)
+    dt = {"bf16": "float32", "fp16": "float16", "fp32": "float32"}[dtype]
+    from oracles import spec
+
+    cast = spec.as_dtype(dtype)
+    q = rng.standard_normal((1, lq, 2, 4)).astype(dt).astype(cast)
+    k = rng.standard_normal((1, lk, 2, 4)).astype(dt).astype(cast)
+    v = rng.standard_normal((1, lk, 2, 3)).astype(dt).astype(cast)
+    gg = rng.standard_normal((1, lq, 2, 3)).astype(dt).astype(cast) if g else None
+    return Case(q, k, v, g=gg, **kw)
+
+
+def _run(name: str, case: Case, **kw) -> checks.Outcome:
+    return checks.run_case(load(f"tests.fixture_targets:{name}"), case, **kw)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+def test_correct_reference_has_no_findings(dtype):
+    mask = np.random.default_rng(1).random((1, 1, 5, 7)) < 0.6
+    out = _run("reference", _case(dtype, mask=mask, mask_kind="random"))
+    assert out.findings == []
+    assert 0 < out.ratios["out"] < 1
+
+
+@pytest.mark.parametrize(
+    ("name", "category"),
+    [("crashes", "crash"), ("wrong_shape", "shape"), ("wrong_dtype", "dtype"), ("nan_output", "overflow")],
+)
+def test_each_failure_mode_gives_its_category(name, category):
+    out = _run(name, _case(g=False), checks=("forward",))
+    assert [f.category for f in out.findings] == [category]
+    f = out.findings[0]
+    assert f.target == f"tests.fixture_targets:{name}" and f.dtype == "fp32"
+    assert category in f.message()
+
+
+def test_crash_message_names_the_exception():
+    f = _run("crashes", _case(g=False), checks=("forward",)).findings[0]
+    assert "RuntimeError: kernel launch failed" in f.detail
+
+
+def test_hang_is_a_timeout_finding_not_a_hang():
+    out = _run("hangs", _case(g=False), checks=("forward",), timeout=0.3)
+    assert [f.category for f in out.findings] == ["timeout"]
+
+
+def test_underflow_of_tiny_values():
+    case = _case(g=False)
+    case = case.with_(v=(case.v.astype(np.float64) * 2.0**-110).astype(np.float32), family="tiny-values")
+    out = _run("flush_tiny", case, checks=("forward",))
+    assert {f.category for f in out.findings} == {"underflow"}
+    assert _run("reference", case, checks=("forward",)).findings == []
+
+
+def test_masked_row_policy_violation():
+    mask = np.ones((1, 1, 5, 7), bool)
+    mask[..., 2, :] = False
+    case = _case(g=False, mask=mask, mask_kind="masked-rows")
+    out = _run("masked_rows_nan", case, checks=("forward",))
+    assert [f.category for f in out.findings] == ["masked-row"]
+    assert out.findings[0].index[1] == 2  # the fully masked query row
+
+
+def test_finding_message_reads_in_allowances_and_ulps():
+    out = checks.run_case(load("tests.fixture_targets:reference"), _case(), checks=("forward",))
+    assert out.findings == []
+    # Perturb the reference by a known amount: 10x the allowance of one element.
+    case = _case(g=False)
+    exact = checks.exact(case, "zeros", grad=False)
+    allow = tolerance.bound(case, Contract(), exact.p)
+    bumped = exact.out + 10 * allow.out * (np.arange(exact.out.size).reshape(exact.out.shape) == 3)
+
+    def target(q, k, v, **kw):
+        return bumped.astype(np.float32)
+
+    target.attnverify = {"framework": "numpy"}
+    import sys
+    import types
+
+    mod = types.ModuleType("bumped_target")
+    mod.target = target
+    sys.modules["bumped_target"] = mod
+    found = checks.run_case(load("bumped_target:target"), case, checks=("forward",)).findings
+    assert [f.category for f in found] == ["forward"]
+    f = found[0]
+    assert f.count == 1 and f.index == tuple(int(i) for i in np.unravel_index(3, exact.out.shape))
+    assert 9 < f.ratio < 11
+    assert "× allowance" in f.message() and "ulp" in f.message()
+
+
+def test_bound_covers_fp32_statistics_and_is_not_vacuous():
+    """The allowance of a correct fp32-statistics kernel is a few u*A, not a blanket tolerance."""
+    case = _case("bf16")
+    exact = checks.exact(case, "zeros", grad=True)
+    allow = tolerance.bound(case, Contract(round_probs=False), exact.p)
+    a = mp.attention(case.q, case.k, np.abs(case.v)).out
+    ratio = allow.out / (allow.u * a)
+    assert 1 <= ratio.min() and ratio.max() < 2  # u*A of rounding plus small fp32 terms
+    for name in ("dq", "dk", "dv"):
+        assert np.all(allow.grads[name] < 0.1 * np.abs(allow.grad_scales[name]).max() + 1e-30)
+
+
+def test_flash_rule_policy_runs_and_accepts_the_reference():
+    mask = np.random.default_rng(2).random((1, 1, 5, 7)) < 0.6
+    out = _run("reference", _case("bf16", mask=mask, mask_kind="random"), policy="naive")
+    assert out.findings == []
+    assert out.ratios["out"] <= 0.5  # the reference is its own same-dtype reference: error <= err/alpha
+
+
+def test_unknown_policy_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown tolerance policy 'loose'"):
+        _run("reference", _case(), policy="loose")
+
+
+def test_fixture_module_is_importable():
+    assert callable(ft.reference.vjp)
