@@ -79,3 +79,13 @@ def masked_rows_nan(q, k, v, **kw):
 
 for _fn in (crashes, hangs, wrong_shape, wrong_dtype, nan_output, flush_tiny, masked_rows_nan):
     _meta(_fn, ("mask", "bias", "causal", "gqa"))
+
+
+def uniform_rows(q, k, v, **kw):
+    """A correct implementation of the ``uniform`` masked-row policy (what a finfo.min fill gives)."""
+    return _same_dtype(q, k, v, masked_rows="uniform", **kw)
+
+
+uniform_rows.vjp = lambda q, k, v, g, **kw: _same_dtype_vjp(q, k, v, g, masked_rows="uniform", **kw)
+_meta(uniform_rows)
+uniform_rows.attnverify["masked_rows"] = "uniform"

@@ -130,3 +130,16 @@ def test_unknown_policy_is_a_clear_error():
 
 def test_fixture_module_is_importable():
     assert callable(ft.reference.vjp)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_uniform_policy_target_is_judged_by_its_own_policy(dtype):
+    mask = np.ones((1, 1, 5, 7), bool)
+    mask[..., 1, :] = False
+    case = _case(dtype, mask=mask, mask_kind="masked-rows")
+    assert _run("uniform_rows", case).findings == []
+    # The same output judged under the zeros policy is a masked-row finding (out and dq rows).
+    found = _run("reference", case).findings
+    assert found == []
+    wrong = checks.run_case(load("tests.fixture_targets:uniform_rows", masked_rows="zeros"), case)
+    assert {f.category for f in wrong.findings} == {"masked-row", "grad"}

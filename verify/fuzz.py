@@ -55,6 +55,7 @@ class Settings:
     max_len: int = 65
     max_findings: int | None = None  # stop the campaign once this many are found (mutant kills)
     families: tuple[str, ...] = strategies.FAMILIES
+    compact: bool | None = None  # shape buckets (strategies.COMPACT_SHAPES); None: for JAX targets only
     mask_kinds: tuple[str, ...] = strategies.MASK_KINDS
 
 
@@ -141,7 +142,8 @@ def _fuzz_dtype(adapter: Adapter, sett: Settings, dtype: str, camp: Campaign, db
     found: set[str] = set()
     grad = "grad" in sett.checks and "grad" in info.features
     strategy = strategies.cases(dtypes=(dtype,), features=info.features, grad=grad, max_len=sett.max_len,
-                                families=sett.families, mask_kinds=sett.mask_kinds)
+                                families=sett.families, mask_kinds=sett.mask_kinds,
+                                compact=info.framework == "jax" if sett.compact is None else sett.compact)
     current: dict = {}
 
     while True:

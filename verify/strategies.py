@@ -169,6 +169,38 @@ def chunk_menu(length: int) -> tuple[int | None, ...]:
     return (None, *sizes)
 
 
+# Shape buckets for compiled targets (``compact=True``): each jitted (shape, chunks, scale, mask
+# layout) is one XLA compilation of ~1 s on this machine, so a campaign over the full menus compiles
+# nearly every case. These buckets keep the edges (length 1, primes, 2^k+-1, Lq != Lk, GQA, Dk != Dv,
+# chunks of 1, non-divisors, equal to and larger than L) with a bounded number of programs.
+# (B, Lq, Lk, Hq, Hkv, Dk, Dv), then (query chunk, key chunk) pairs.
+COMPACT_SHAPES: tuple[tuple[tuple[int, ...], tuple[tuple[int | None, int | None], ...]], ...] = (
+    ((1, 1, 1, 1, 1, 1, 1), ((None, None), (1, 1))),
+    ((1, 3, 5, 1, 1, 2, 2), ((1, 2), (3, 6))),
+    ((1, 8, 8, 2, 2, 4, 4), ((None, None), (3, 3), (8, 8))),
+    ((2, 5, 17, 2, 1, 4, 3), ((2, 4), (5, 17))),
+    ((1, 17, 9, 4, 2, 8, 8), ((4, 2), (17, 10))),
+    ((1, 33, 33, 1, 1, 8, 8), ((16, 8), (33, 34))),
+    ((2, 16, 33, 2, 2, 3, 5), ((5, 1), (16, 32))),
+    ((1, 65, 64, 2, 1, 4, 4), ((64, 16), (1, 63))),
+)
+
+
+def _pick_compact(pick: Pick, *, max_len: int, max_heads: int, max_dim: int, gqa: bool, min_dk: int,
+                  chunked: bool) -> tuple[dict[str, int], int | None, int | None]:
+    """A bucket of ``COMPACT_SHAPES`` that fits the limits, and one of its chunk pairs."""
+    fits = []
+    for (b, lq, lk, hq, hkv, dk, dv), chunks in COMPACT_SHAPES:
+        hq = hq if gqa else hkv
+        if max(lq, lk) <= max_len and hq <= max_heads and max(dk, dv) <= max_dim and dk >= min_dk:
+            fits.append(({"B": b, "Lq": lq, "Lk": lk, "Hq": hq, "Hkv": hkv, "Dk": dk, "Dv": dv}, chunks))
+    if not fits:
+        raise ValueError(f"no compact shape fits max_len={max_len}, max_heads={max_heads}, max_dim={max_dim}")
+    dims, chunks = fits[pick(_one_of(range(len(fits))))]
+    qchunk, kchunk = pick(_one_of(chunks)) if chunked else (None, None)
+    return dims, qchunk, kchunk
+
+
 def _pick_shape(pick: Pick, *, max_len: int, max_heads: int, max_dim: int, gqa: bool, min_dk: int) -> dict[str, int]:
     lengths = length_menu(max_len)
     kv_heads = tuple(h for h in KV_HEADS if h <= max_heads)
@@ -446,6 +478,7 @@ def _pick_case(
     max_heads: int,
     max_dim: int,
     grad: bool,
+    compact: bool = False,
 ) -> Case:
     dtypes = tuple(spec.dtype_name(d) for d in dtypes)
     unknown = set(features) - set(FEATURES)
@@ -458,19 +491,17 @@ def _pick_case(
     dtype = pick(_one_of(dtypes))
     family = pick(_one_of(names))
     kind = pick(_one_of(kinds or ("none",)))
-    dims = _pick_shape(
-        pick,
-        max_len=max_len,
-        max_heads=max_heads,
-        max_dim=max_dim,
-        gqa="gqa" in features,
-        min_dk=2 if family == "row-offset" else 1,
-    )
+    limits = {"max_len": max_len, "max_heads": max_heads, "max_dim": max_dim, "gqa": "gqa" in features,
+              "min_dk": 2 if family == "row-offset" else 1}
     chunked = "chunks" in features
-    qchunk = pick(_one_of(chunk_menu(dims["Lq"]))) if chunked else None
-    kchunk = pick(_one_of(chunk_menu(dims["Lk"]))) if chunked else None
+    if compact:
+        dims, qchunk, kchunk = _pick_compact(pick, chunked=chunked, **limits)
+    else:
+        dims = _pick_shape(pick, **limits)
+        qchunk = pick(_one_of(chunk_menu(dims["Lq"]))) if chunked else None
+        kchunk = pick(_one_of(chunk_menu(dims["Lk"]))) if chunked else None
     scale = pick(_one_of((None, "explicit")))
-    scale = pick(_one_of(SCALES)) if scale else None
+    scale = pick(_one_of(SCALES[:1] if compact else SCALES)) if scale else None
     key_block = kchunk
     if key_block is None and (family == "dominant-key" or kind in _NEED_BLOCK):
         key_block = pick(_one_of(c for c in chunk_menu(dims["Lk"]) if c))
@@ -510,10 +541,11 @@ def cases(
     max_heads: int = 4,
     max_dim: int = 16,
     grad: bool = True,
+    compact: bool = False,
 ) -> st.SearchStrategy[Case]:
     """Cases for a target declaring ``features``: nothing undeclared is generated (no mask without "mask",
     no bias masks without "bias", Hq == Hkv without "gqa", chunk sizes None without "chunks", g only with
-    ``grad`` and "grad")."""
+    ``grad`` and "grad"). ``compact`` draws shapes and chunks from ``COMPACT_SHAPES`` (jitted targets)."""
     options = dict(
         dtypes=dtypes,
         features=frozenset(features),
@@ -523,6 +555,7 @@ def cases(
         max_heads=max_heads,
         max_dim=max_dim,
         grad=grad,
+        compact=compact,
     )
     _pick_case(_numpy_pick(np.random.default_rng(0)), **options)  # fail on bad options now, not mid-test
     return st.composite(lambda draw: _pick_case(_hypothesis_pick(draw), **options))()
@@ -551,4 +584,47 @@ def example_case(
         max_heads=max_heads,
         max_dim=max_dim,
         grad=grad,
+    )
+
+
+def make_case(
+    seed: int,
+    dtype: str,
+    *,
+    dims: dict[str, int],
+    family: str,
+    mask_kind: str = "none",
+    query_chunk_size: int | None = None,
+    key_chunk_size: int | None = None,
+    features: Iterable[str] = frozenset(FEATURES),
+    grad: bool = True,
+) -> Case:
+    """A deterministic case of an explicit shape, family, mask kind and chunk sizes (numpy only, for sweeps).
+
+    ``dims`` as ``Case.dims``. The same ``seed`` gives the same q, k, v, masking and g for any chunk sizes,
+    except where the family or mask kind aligns to the key chunk (``dominant-key``, ``masked-key-chunk``,
+    ``single-key-edge``). ``ValueError`` when the mask kind needs a feature not in ``features``.
+    """
+    dtype = spec.dtype_name(dtype)
+    family = _known("family", (family,), FAMILIES)[0]
+    kind = _known("mask kind", (mask_kind,), MASK_KINDS)[0]
+    features = frozenset(features)
+    if MASK_NEEDS[kind] not in features | {None}:
+        raise ValueError(f"mask kind {kind!r} needs feature {MASK_NEEDS[kind]!r}, not in {sorted(features)}")
+    pick = _numpy_pick(np.random.default_rng(seed))
+    key_block = key_chunk_size
+    if key_block is None and (family == "dominant-key" or kind in _NEED_BLOCK):
+        key_block = pick(_one_of(c for c in chunk_menu(dims["Lk"]) if c))
+    vals = _pick_values(pick, family, dtype, dims, None, key_block)
+    masking = _pick_masking(pick, kind, dtype, dims, key_block)
+    g = None
+    if grad and "grad" in features:
+        g = _cast(np.random.default_rng(pick(_SEED)).standard_normal((dims["B"], dims["Lq"], dims["Hq"], dims["Dv"])),
+                  dtype)
+    meta = {"seed": seed, "family_params": vals.params, "mask_params": masking.params}
+    if key_block is not None and key_block != key_chunk_size:
+        meta["key_block"] = key_block
+    return Case(
+        vals.q, vals.k, vals.v, g=g, mask=masking.mask, bias=masking.bias, causal=masking.causal,
+        query_chunk_size=query_chunk_size, key_chunk_size=key_chunk_size, family=family, mask_kind=kind, meta=meta,
     )

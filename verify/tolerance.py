@@ -111,6 +111,10 @@ def _fold_kv(x: np.ndarray, att: spec.Attention) -> np.ndarray:
 def bound(case: Case, contract: Contract, p: np.ndarray, masked_rows: str = "zeros") -> Allowance:
     """The componentwise error bound for ``case`` given exact probabilities ``p`` [B, Hq, Lq, Lk]."""
     att = spec.normalize(case.q, case.k, case.v, masked_rows=masked_rows, **case.semantics())
+    if masked_rows == "uniform":
+        # A fully masked row attends uniformly to every key: scales and gradients follow that p.
+        rows = att.masked_row[..., None]
+        p = np.where(rows, 1.0 / att.k.shape[1], p)
     dtype = case.dtype
     u = spec.unit_roundoff(dtype)
     ua, acc = _acc_unit(dtype, contract)
@@ -128,6 +132,8 @@ def bound(case: Case, contract: Contract, p: np.ndarray, masked_rows: str = "zer
     if contract.round_logits:
         ds = ds + u * s
     ds = np.where(vis, ds, 0.0)
+    if masked_rows == "uniform":
+        vis = vis | att.masked_row[..., None]
     with np.errstate(over="ignore", invalid="ignore"):
         w = (p * np.expm1(ds)).sum(-1, keepdims=True)
         r = np.exp(ds) / np.maximum(1 - w, 1e-300) - 1

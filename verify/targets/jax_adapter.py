@@ -4,7 +4,8 @@ Arrays keep their dtype exactly (bf16 is ``ml_dtypes.bfloat16`` on both sides; t
 bool, the bias keeps its own dtype) and are placed on the device the target declares (``cpu``
 even where a GPU is present, ``gpu`` only where jax has one). The call is jitted with the
 non-array keywords (scale, causal, chunk sizes) static and mask/bias traced; compiled functions
-are cached per static keywords, and jax's own cache handles new shapes and dtypes.
+are cached per static keywords, and jax's own cache handles new shapes and dtypes; a persistent
+compilation cache (``.attnverify/jax-cache``) serves repeated campaigns.
 
 float64 needs ``jax_enable_x64``, which this adapter never switches on (it is a process-wide
 flag that would change every other JAX target's defaults): the bundled JAX targets declare bf16,
@@ -13,7 +14,9 @@ fp16 and fp32 only, and an fp64 case is ``Unsupported`` unless the user enabled 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -27,8 +30,19 @@ except ImportError as _exc:  # reported by unavailable_reason, so a missing jax 
     _IMPORT_ERROR: str | None = f"jax cannot be imported ({_exc})"
 else:
     _IMPORT_ERROR = None
+    # Campaigns replay the same cases (seeded runs, the example database): a persistent compilation
+    # cache makes every run after the first skip most compilations. Left alone if the user set one;
+    # ATTNVERIFY_JAX_CACHE="" turns it off.
+    _CACHE = os.environ.get("ATTNVERIFY_JAX_CACHE", str(Path(".attnverify") / "jax-cache"))
+    if _CACHE and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.abspath(_CACHE))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 _ARRAY_KWARGS = ("mask", "bias")
+# Each compiled CPU executable keeps its own memory mappings; a campaign compiling thousands of
+# shapes ran out of them (LLVM "Cannot allocate memory", then a segfault). Past this many live
+# compilations the caches are dropped and programs recompile on demand.
+MAX_COMPILED = 200
 
 
 class JaxAdapter(Adapter):
@@ -66,12 +80,21 @@ class JaxAdapter(Adapter):
         arrays = {name: self._to_jax(name, kw[name]) for name in _ARRAY_KWARGS if kw.get(name) is not None}
         return static, arrays, (tuple(sorted(static.items())), tuple(sorted(arrays)))
 
+    def _trim(self) -> None:
+        """Drop every compiled program once more than ``MAX_COMPILED`` are alive."""
+        live = sum(f._cache_size() for f in (*self._forward_cache.values(), *self._vjp_cache.values()))
+        if live > MAX_COMPILED:
+            self._forward_cache.clear()
+            self._vjp_cache.clear()
+            jax.clear_caches()
+
     def _qkv(self, case: Case) -> tuple[jax.Array, jax.Array, jax.Array]:
         return self._to_jax("q", case.q), self._to_jax("k", case.k), self._to_jax("v", case.v)
 
     def forward(self, case: Case) -> np.ndarray:
         """The target's output for ``case``, as numpy in the dtype the target returned."""
         static, arrays, key = self._split(case)
+        self._trim()
         fn = self._forward_cache.get(key)
         if fn is None:
 
@@ -88,6 +111,7 @@ class JaxAdapter(Adapter):
         if case.g is None:
             raise ValueError("vjp needs a cotangent: the case has no g")
         static, arrays, key = self._split(case)
+        self._trim()
         _, names = split_arrays(case, arrays)
         fn = self._vjp_cache.get(key)
         if fn is None:
