@@ -25,8 +25,17 @@ chunks), but exact for the full semantics of ``oracles/spec.py``:
   is replaced by 0 wherever it is still ``-inf`` before any subtraction, so ``exp`` sees
   ``-inf - 0`` (= weight 0), never ``-inf - -inf``; the final ``o / total`` divides by 1 where
   ``total == 0`` and selects 0 there. The max is ``stop_gradient``-ed (the output does not depend on it).
+- **output written in place**: each query chunk's rows are scatter-added into an output that starts
+  as ``-0.0`` (``-0.0 + x == x`` exactly, signed zeros included; rows of the clamped last chunk that
+  an earlier chunk produced add ``-0.0``). XLA updates it in place in the loop, so no stacked
+  ``[chunks, ...]`` result and no copy of it into the output layout exist (``lax.map`` + reshape
+  held an O(Lq * Dv) temporary), and the transpose of an add passes the output cotangent through
+  unchanged (that of ``dynamic_update_slice`` zeroes it in an O(Lq * Dv) copy).
 - **memory-efficient gradient**: both loop bodies are ``jax.checkpoint``-ed, so reverse mode keeps
   only the per-key-chunk carries of one query chunk at a time and recomputes the logits blocks.
+  Autodiff of the key loop still builds, per query chunk, dk and dv cotangents of full length Lk
+  before adding them to the totals: two O(Lk * Dk) temporaries that only a hand-written backward
+  would avoid (measured by ``attnverify memory``).
 
 jit-compatible (shapes, scale, causal and chunk sizes are static).
 """
@@ -110,6 +119,12 @@ def attention(
     nq, nk = math.ceil(lq / cq), math.ceil(lk / ck)
     scale = 1.0 / math.sqrt(dk) if scale is None else float(scale)
     acc = jnp.promote_types(q.dtype, jnp.float32)
+    out_dtype = q.dtype
+    # Cast once, outside the scans: the scans' transposes then accumulate dq/dk/dv/dbias across
+    # chunks in float32. Cast per chunk, they summed in the input dtype, and fp16 dk overflowed
+    # (attnverify fuzz: big-values, exact dk -61464, got -inf).
+    q, k, v = q.astype(acc), k.astype(acc), v.astype(acc)
+    bias = None if bias is None else bias.astype(acc)
     groups = hq // hkv
     mask5, bias5 = _grouped(mask, hq, hkv), _grouped(bias, hq, hkv)
 
@@ -118,8 +133,8 @@ def attention(
         """Fold key chunk ``j`` into the running (max, sum, accumulator) of one query chunk."""
         m, total, o = carry
         start = jnp.minimum(j * ck, lk - ck)  # the clamped start dynamic_slice would use anyway
-        kj = lax.dynamic_slice_in_dim(k, start, ck, axis=1).astype(acc)
-        vj = lax.dynamic_slice_in_dim(v, start, ck, axis=1).astype(acc)
+        kj = lax.dynamic_slice_in_dim(k, start, ck, axis=1)
+        vj = lax.dynamic_slice_in_dim(v, start, ck, axis=1)
         s = jnp.einsum("bqhgd,bkhd->bhgqk", q_chunk, kj, precision=_HIGHEST)
         cols = start + jnp.arange(ck)
         visible = cols >= j * ck  # keys of the clamped last chunk already counted by the previous one
@@ -128,7 +143,7 @@ def attention(
         if mask_rows is not None:
             visible = visible & _take(mask_rows, start, ck, axis=4)
         if bias_rows is not None:
-            bj = _take(bias_rows, start, ck, axis=4).astype(acc)
+            bj = _take(bias_rows, start, ck, axis=4)
             visible = visible & (bj != -jnp.inf)
             s = s + bj
         s = jnp.where(visible, s, -jnp.inf)
@@ -145,7 +160,7 @@ def attention(
         """Output rows [start, start + cq) for query chunk ``i`` (start clamped like dynamic_slice)."""
         start = jnp.minimum(i * cq, lq - cq)
         qi = start + jnp.arange(cq)
-        q_chunk = lax.dynamic_slice_in_dim(q, start, cq, axis=1).astype(acc) * jnp.asarray(scale, acc)
+        q_chunk = lax.dynamic_slice_in_dim(q, start, cq, axis=1) * jnp.asarray(scale, acc)
         q_chunk = q_chunk.reshape(b, cq, hkv, groups, dk)
         mask_rows, bias_rows = _take(mask5, start, cq, axis=3), _take(bias5, start, cq, axis=3)
         step = jax.checkpoint(functools.partial(key_step, qi, q_chunk, mask_rows, bias_rows), prevent_cse=False)
@@ -157,12 +172,15 @@ def attention(
         (_, total, o), _ = lax.scan(step, init, jnp.arange(nk))
         seen = total > 0
         out = jnp.where(seen[..., None], o / jnp.where(seen, total, 1.0)[..., None], 0.0)
-        return jnp.moveaxis(out, 3, 1).reshape(b, cq, hq, dv).astype(q.dtype)
+        out = jnp.moveaxis(out, 3, 1).reshape(b, cq, hq, dv).astype(out_dtype)
+        if nq * cq == lq:
+            return out
+        # rows of the clamped last chunk that an earlier chunk produced contribute -0.0 (no change)
+        return jnp.where((qi >= i * cq)[None, :, None, None], out, jnp.asarray(-0.0, out_dtype))
 
-    chunks = lax.map(query_chunk, jnp.arange(nq))  # [nq, B, cq, Hq, Dv]
-    chunks = jnp.moveaxis(chunks, 0, 1)
-    if nq * cq == lq:
-        return chunks.reshape(b, lq, hq, dv)
-    tail = lq - (nq - 1) * cq  # rows of the clamped last chunk that no earlier chunk produced
-    head = chunks[:, :-1].reshape(b, (nq - 1) * cq, hq, dv)
-    return jnp.concatenate([head, chunks[:, -1, cq - tail:]], axis=1)
+    def add_chunk(out: jax.Array, i: jax.Array) -> tuple[jax.Array, None]:
+        rows = jnp.minimum(i * cq, lq - cq) + jnp.arange(cq)
+        return out.at[:, rows].add(query_chunk(i), indices_are_sorted=True, unique_indices=True), None
+
+    out, _ = lax.scan(add_chunk, jnp.full((b, lq, hq, dv), -0.0, out_dtype), jnp.arange(nq))
+    return out
