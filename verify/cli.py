@@ -4,6 +4,7 @@
     attnverify targets [--target T ...]   what can run here, with features, policy and contract
     attnverify fuzz --target T [...]      a campaign; exit 0 clean, 1 findings, 2 usage error
     attnverify repro FILE                 replay a saved finding without Hypothesis
+    attnverify report --target T --out D  accuracy sweep: tables, plots, baseline gate
 
 Usage errors (unknown target, unimportable module, bad flag) exit 2 with one line on stderr.
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from oracles import spec
+from verify import report
 from verify.targets import BUNDLED, Contract, TargetError, Unavailable, load
 
 
@@ -204,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--repro-dir", default="findings")
     f.add_argument("--database", default=".attnverify/hypothesis")
     f.add_argument("--no-database", action="store_true")
+    report.add_parser(sub)
     r = sub.add_parser("repro", help="replay a saved case")
     r.add_argument("file")
     _target_args(r, required=False)
@@ -215,9 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, os.getcwd())  # user targets are importable from the working directory
     try:
         args = build_parser().parse_args(argv)
-        command = {"demo": cmd_demo, "targets": cmd_targets, "fuzz": cmd_fuzz, "repro": cmd_repro}.get(args.command)
+        commands = {"demo": cmd_demo, "targets": cmd_targets, "fuzz": cmd_fuzz, "repro": cmd_repro,
+                    "report": report.run}
+        command = commands.get(args.command)
         if command is None:
-            raise UsageError("give a command: demo, targets, fuzz or repro")
+            raise UsageError(f"give a command: {', '.join(commands)}")
         return command(args)
     except (UsageError, TargetError, Unavailable, ValueError) as exc:
         print(f"attnverify: error: {exc}", file=sys.stderr)
