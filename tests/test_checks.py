@@ -143,3 +143,23 @@ def test_uniform_policy_target_is_judged_by_its_own_policy(dtype):
     assert found == []
     wrong = checks.run_case(load("tests.fixture_targets:uniform_rows", masked_rows="zeros"), case)
     assert {f.category for f in wrong.findings} == {"masked-row", "grad"}
+
+
+def test_a_target_may_decline_a_case_without_a_finding():
+    from verify.targets import Unsupported
+
+    def picky(q, k, v, *, scale=None, **kw):
+        if scale is not None:
+            raise Unsupported("picky takes no explicit scale")
+        return ft.reference(q, k, v, scale=scale, **kw)
+
+    import sys
+    import types
+
+    mod = types.ModuleType("picky_target")
+    mod.picky = picky
+    sys.modules["picky_target"] = mod
+    adapter = load("picky_target:picky", framework="numpy")
+    out = checks.run_case(adapter, _case(g=False, scale=0.5), checks=("forward",))
+    assert out.findings == [] and out.declined == "picky takes no explicit scale"
+    assert checks.run_case(adapter, _case(g=False), checks=("forward",)).declined is None

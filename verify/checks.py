@@ -11,7 +11,9 @@ target's forward and VJP under a time limit, and returns findings in named categ
 - ``shape`` / ``dtype``: wrong output shape or dtype; ``crash``: the target raised;
   ``timeout``: a call ran past its limit.
 
-A crash, hang or NaN of a target is a finding here, never an exception of the harness.
+A crash, hang or NaN of a target is a finding here, never an exception of the harness. A target
+(or its adapter) that raises ``verify.targets.Unsupported`` declines the case (say, a scale other
+than ``1/sqrt(Dk)`` for a kernel that cannot take one): no finding, and campaigns count declines.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from oracles import mp, spec
 from verify import tolerance
 from verify.case import Case
 from verify.findings import Finding
-from verify.targets.base import Adapter
+from verify.targets.base import Adapter, Unsupported
 
 CHECKS = ("forward", "grad")
 DEFAULT_TIMEOUT = 120.0
@@ -53,6 +55,7 @@ class Outcome:
     findings: list[Finding] = field(default_factory=list)
     ratios: dict[str, float] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    declined: str | None = None  # why the target raised Unsupported for this case
 
 
 def exact(case: Case, masked_rows: str, grad: bool) -> Exact:
@@ -98,6 +101,7 @@ class _Comparer:
         self.info = adapter.info
         self.findings: list[Finding] = []
         self.ratios: dict[str, float] = {}
+        self.declined: str | None = None
 
     def finding(self, category: str, check: str, output: str = "out", **kw) -> Finding:
         c = self.case
@@ -179,6 +183,8 @@ class _Comparer:
             return call_with_timeout(fn, timeout)
         except TargetTimeout as exc:
             self.finding("timeout", check, detail=str(exc))
+        except Unsupported as exc:  # the target (or its adapter) declines the case: not a defect
+            self.declined = str(exc)
         except Exception as exc:  # noqa: BLE001 - a target's exception is a finding
             tb = getattr(exc, "attnverify_tb", "").strip().splitlines()
             where = f" ({tb[-3].strip()})" if len(tb) >= 3 else ""
@@ -209,7 +215,7 @@ def run_case(adapter: Adapter, case: Case, *, checks: tuple[str, ...] = CHECKS, 
         if out is not None and cmp.structure("forward", "out", out, truth.out.shape):
             cmp.compare("forward", "out", out, truth.out, allow.out, row_masked)
     t2 = time.perf_counter()
-    if grad:
+    if grad and cmp.declined is None:
         got = cmp.call("grad", lambda: adapter.vjp(case), timeout)
         if got is not None:
             for name, want in truth.grads.items():
@@ -220,4 +226,5 @@ def run_case(adapter: Adapter, case: Case, *, checks: tuple[str, ...] = CHECKS, 
                     masked = row_masked if name == "dq" else None
                     cmp.compare("grad", name, got[name], want, allow.grads[name], masked)
     t3 = time.perf_counter()
-    return Outcome(cmp.findings, cmp.ratios, {"oracle": t1 - t0, "target": (t2 - t1) + (t3 - t2)})
+    findings = [] if cmp.declined else cmp.findings
+    return Outcome(findings, cmp.ratios, {"oracle": t1 - t0, "target": (t2 - t1) + (t3 - t2)}, cmp.declined)

@@ -148,6 +148,9 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
     ex = ", ".join(f"{d}: {n}" for d, n in camp.examples.items())
     s = camp.seconds
     print(f"examples run: {ex}; {s['total']:.1f} s (oracle {s['oracle']:.1f} s, target {s['target']:.1f} s)")
+    for dtype, reasons in camp.declined.items():
+        for reason, n in reasons.items():
+            print(f"declined by the target, {dtype}: {n} case(s): {reason}")
     for dtype, worst in camp.worst_ratio.items():
         print(f"worst error in allowances, {dtype}: " + ", ".join(f"{k} {v:.3g}" for k, v in worst.items()))
     print(f"{len(camp.findings)} finding(s)" + ("" if not camp.findings else ": " + ", ".join(

@@ -72,6 +72,7 @@ class Campaign:
     seconds: dict[str, float] = field(default_factory=lambda: {"oracle": 0.0, "target": 0.0, "total": 0.0})
     interrupted: bool = False
     provisional: list[Finding] = field(default_factory=list)  # seen, not yet shrunk
+    declined: dict[str, dict[str, int]] = field(default_factory=dict)  # dtype -> reason -> cases
 
     def to_json(self) -> dict:
         return {
@@ -82,6 +83,7 @@ class Campaign:
             "seconds": self.seconds,
             "worst_ratio": self.worst_ratio,
             "interrupted": self.interrupted,
+            "declined": self.declined,
             "findings": [f.to_json() for f in self.findings],
             "unshrunk_findings": [f.to_json() for f in self.provisional],
         }
@@ -157,6 +159,9 @@ def _fuzz_dtype(adapter: Adapter, sett: Settings, dtype: str, camp: Campaign, db
                 raise _BudgetSpent()
             camp.examples[dtype] += 1
             out = run_case(adapter, case, checks=sett.checks, policy=sett.policy, timeout=sett.timeout)
+            if out.declined:
+                reasons = camp.declined.setdefault(dtype, {})
+                reasons[out.declined] = reasons.get(out.declined, 0) + 1
             camp.seconds["oracle"] += out.seconds["oracle"]
             camp.seconds["target"] += out.seconds["target"]
             worst = camp.worst_ratio[dtype]
