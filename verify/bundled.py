@@ -2,7 +2,8 @@
 
 For each bundled target that can run here: a fuzz campaign (the CI profile: seed 0, all checks,
 bf16/fp16/fp32), an accuracy sweep (``verify.report``, re-measured from scratch) gated against the
-committed ``report.json`` when one exists, and the memory table for the JAX targets. Everything
+committed ``report.json`` when one exists, and memory against length (``verify.memory``) for
+``MEMORY_TARGETS`` with their dense references. Everything
 goes to ``--out`` (``reports/`` by default), with ``README.md`` summarising it.
 
 Exit status 1 when the job's gate fails: a finding on one of *our* implementations
@@ -18,10 +19,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from verify import fuzz, report
+from verify import fuzz, memory, report
 from verify.targets import BUNDLED, Unavailable, load
 
 OURS = ("chunked-jax", "chunked-torch")
+MEMORY_TARGETS = ("chunked-jax", "paper-jax")
 
 
 def _fuzz(name: str, out: Path, max_examples: int) -> dict:
@@ -71,6 +73,12 @@ def run(args: argparse.Namespace) -> int:
             failures.append(f"{name}: {fz['findings']} finding(s), see {tdir / 'fuzz.json'}")
         if rp["regressions"]:
             failures.append(f"{name}: {rp['regressions']} accuracy regression(s), see {tdir / 'report.md'}")
+    for name in MEMORY_TARGETS:
+        if name in names and not any(r["target"] == name and "unavailable" in r for r in rows):
+            print(f"{name}: memory against length", flush=True)
+            margs = memory.add_parser(argparse.ArgumentParser().add_subparsers()).parse_args(
+                ["--target", name, "--out", str(out / name / "memory")])
+            memory.run(margs)
     (out / "summary.json").write_text(json.dumps({"targets": rows, "failures": failures}, indent=2) + "\n")
     (out / "README.md").write_text(_markdown(rows, failures))
     print(_markdown(rows, failures))
@@ -81,7 +89,8 @@ def _markdown(rows: list[dict], failures: list[str]) -> str:
     lines = ["# attnverify: bundled targets", "",
              "Made by `./dev run` (`attnverify bundled`). Per target: the fuzz campaign's findings "
              "(`<target>/fuzz.json`, case files in `<target>/findings/`, replay with `attnverify repro`) and "
-             "the accuracy report (`<target>/report.md`, `<target>/index.html`).", "",
+             "the accuracy report (`<target>/report.md`, `<target>/index.html`); memory against length in "
+             "`<target>/memory/memory.md` for chunked-jax and paper-jax.", "",
              "| target | fuzz examples | findings | by category/dtype | report cells | vs committed baseline |",
              "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:

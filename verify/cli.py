@@ -5,6 +5,7 @@
     attnverify fuzz --target T [...]      a campaign; exit 0 clean, 1 findings, 2 usage error
     attnverify repro FILE                 replay a saved finding without Hypothesis
     attnverify report --target T --out D  accuracy sweep: tables, plots, baseline gate
+    attnverify memory --target T          temporary memory against length per chunk policy
     attnverify bundled [--out reports]    the main job: fuzz + reports + gate for every bundled target
 
 Usage errors (unknown target, unimportable module, bad flag) exit 2 with one line on stderr.
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from oracles import spec
-from verify import bundled, report
+from verify import bundled, memory, report
 from verify.targets import BUNDLED, Contract, TargetError, Unavailable, load
 
 
@@ -211,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--database", default=".attnverify/hypothesis")
     f.add_argument("--no-database", action="store_true")
     report.add_parser(sub)
+    memory.add_parser(sub)
     bundled.add_parser(sub)
     r = sub.add_parser("repro", help="replay a saved case")
     r.add_argument("file")
@@ -224,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         commands = {"demo": cmd_demo, "targets": cmd_targets, "fuzz": cmd_fuzz, "repro": cmd_repro,
-                    "report": report.run, "bundled": bundled.run}
+                    "report": report.run, "memory": memory.run, "bundled": bundled.run}
         command = commands.get(args.command)
         if command is None:
             raise UsageError(f"give a command: {', '.join(commands)}")

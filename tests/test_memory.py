@@ -1,0 +1,116 @@
+"""``attnverify memory``: XLA buffer accounting, exponents in L, chunk-size dependence, the command.
+
+JAX figures are compile-only (XLA's memory analysis), so long lengths cost seconds. Shapes B=1, H=1,
+D=64, float32 unless a test says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from verify import memory
+
+pytest.importorskip("jax")
+
+ASSIGNMENT = """BufferAssignment:
+allocation 0: size 1024, maybe-live-out:
+ value: <1 while.1{1} (phi) @0> (size=1024,offset=0): f32[1,16,1,16]{3,2,1,0}
+allocation 1: size 1024, parameter 0, shape |f32[1,16,1,16]| at ShapeIndex {}:
+ value: <2 q.1 @0> (size=1024,offset=0): f32[1,16,1,16]{3,2,1,0}
+allocation 2: size 3000, preallocated-temp:
+ value: <3 stacked @0> (size=1024,offset=0): f32[4,1,4,1,16]{4,3,2,1,0}
+ value: <4 acc @0> (size=1024,offset=1024): f32[16,16]{1,0}
+ value: <5 acc.t @0> (size=1024,offset=1024): f32[1,1,16,16]{3,2,1,0}
+ value: <6 acc32 @0> (size=512,offset=2048): bf16[1,16,1,16]{3,2,1,0}
+ value: <7 tuple @0> (size=16,offset=2600): (f32[16,16], s32[])
+"""
+
+
+def _exponent(rows: list[memory.Row], pass_: str, measure_name: str) -> float:
+    (e,) = [x["exponent"] for x in memory.exponents(rows) if x["pass"] == pass_ and x["measure"] == measure_name]
+    return e
+
+
+def test_result_shaped_temp_bytes_counts_each_range_once() -> None:
+    keys = {memory.shape_key((1, 16, 1, 16))}
+    # acc and its transpose share [1024, 2048); the bf16 array of a result's shape counts; the stacked
+    # [4, 4, 16] staging buffer and the parameter / live-out allocations do not
+    assert memory.result_shaped_temp_bytes(ASSIGNMENT, keys) == 1024 + 512
+    assert memory.result_shaped_temp_bytes(ASSIGNMENT, {memory.shape_key((4, 4, 16))}) == 1024
+    assert memory.result_shaped_temp_bytes("allocation 0: size 4, constant:\n", keys) is None
+
+
+def test_fit_exponent_of_a_power_law() -> None:
+    lengths = [1024, 4096, 16384]
+    assert memory.fit_exponent(lengths, [3 * n**0.5 for n in lengths]) == pytest.approx(0.5)
+    assert memory.fit_exponent([1024], [5]) is None
+
+
+def test_chunked_jax_sqrt_key_chunk_grows_like_sqrt_length() -> None:
+    """Paper policy (query chunk 1024 fixed, key chunk sqrt(L)): the exponent of temp beyond the results.
+
+    Memory is ~ query_chunk * (a + b * sqrt(L)); the L-independent part a (query chunk and its
+    accumulators, ~490 B per query row at D=64) keeps the fitted exponent at 0.23 over L = 1024..65536,
+    so the slope is measured where b * sqrt(L) dominates (L = 16384..262144): 0.40 forward, 0.44
+    fwd+bwd. The fwd+bwd *total* temp has exponent ~0.9: per query chunk, autodiff builds dk and dv
+    partials of full length L (two O(L * D) result-shaped temporaries), which ``beyond`` leaves out.
+    """
+    rows = memory.measure("chunked-jax", [16384, 65536, 262144], memory.parse_policies("1024xsqrt"))
+    assert 0.35 <= _exponent(rows, "forward", "beyond") <= 0.75
+    assert 0.35 <= _exponent(rows, "fwd+bwd", "beyond") <= 0.75
+    fwd = [r for r in rows if r.pass_ == "forward"]
+    assert all(r.temp == r.beyond for r in fwd), "the forward holds no result-shaped temporary"
+    assert _exponent(rows, "fwd+bwd", "temp") > 0.8
+
+
+def test_chunked_jax_fixed_chunks_forward_memory_is_flat_in_length() -> None:
+    """Both chunks fixed: no O(L) temporary in the forward (a stacked [chunks, ...] output would be one)."""
+    rows = memory.measure("chunked-jax", [1024, 4096, 16384], memory.parse_policies("64x64"), passes=("forward",))
+    assert abs(_exponent(rows, "forward", "temp")) < 0.05
+    assert max(r.temp for r in rows) < 0.2 * 2**20
+
+
+def test_dense_reference_grows_like_length_squared() -> None:
+    rows = memory.measure("jax-dpa", [4096, 16384, 65536], [])
+    for pass_ in memory.PASSES:
+        for measure_name in ("temp", "beyond"):
+            assert 1.8 <= _exponent(rows, pass_, measure_name) <= 2.2, (pass_, measure_name)
+
+
+def test_temp_is_about_linear_in_the_query_chunk() -> None:
+    """At L = 4096 and key chunk 64: query chunk 64 -> 256 -> 1024 multiplies memory by ~3 each time."""
+    rows = memory.measure("chunked-jax", [4096], memory.parse_policies("64x64,256x64,1024x64"))
+    for pass_ in memory.PASSES:
+        values = [r.beyond for r in rows if r.pass_ == pass_]
+        assert values == sorted(values), (pass_, values)
+        assert 8 <= values[-1] / values[0] <= 16, (pass_, values)  # x16 query chunk; 16 would be exactly linear
+
+
+def test_memory_command_writes_json_markdown_and_plot(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    memory.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["memory", "--target", "chunked-jax", "--lengths", "1024,4096", "--policies", "64x64",
+                              "--query-chunks", "64,256", "--key-chunks", "32,64,128,256", "--out", str(tmp_path)])
+    assert memory.run(args) == 0
+    doc = json.loads((tmp_path / "memory.json").read_text())
+    assert doc["schema_version"] == memory.SCHEMA_VERSION
+    assert set(doc["measures"]) == {"temp", "beyond"}
+    assert {r["target"] for r in doc["rows"]} == {"chunked-jax", "jax-dpa"}
+    assert {r["pass"] for r in doc["ratios"]} == set(memory.PASSES)
+    assert all(r["length"] == 4096 and r["ratio"] > 1 for r in doc["ratios"])
+    md = (tmp_path / "memory.md").read_text()
+    assert "Dense / chunked" in md and "59x" in md and "32x" in md and "query chunk" in md
+    assert (tmp_path / "memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_torch_peak_dense_quadratic_chunked_flat() -> None:
+    pytest.importorskip("torch")
+    dense = memory.measure("torch-sdpa", [256, 1024], [], passes=("forward",))
+    chunked = memory.measure("chunked-torch", [256, 1024], memory.parse_policies("64x64"), passes=("forward",))
+    assert 1.8 <= _exponent(dense, "forward", "temp") <= 2.2
+    assert abs(_exponent(chunked, "forward", "temp")) < 0.1
+    assert all(r.beyond is None for r in dense + chunked)
