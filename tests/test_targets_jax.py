@@ -304,3 +304,17 @@ def test_chunked_memory_is_a_fraction_of_dense() -> None:
     for wrap in (_forward, _with_grad):
         small, dense = _temp_bytes(wrap(chunked_fn), 4096), _temp_bytes(wrap(jax_dpa.attention), 4096)
         assert small * 4 < dense, f"chunked-jax {small} bytes vs jax-dpa {dense} bytes"
+
+
+def test_chunked_jax_fp16_gradient_overflow_stays_fixed():
+    """The fuzzer's shrunk case: fp16 dk of -61464 came back -inf while the scans summed in fp16."""
+    from pathlib import Path
+
+    from verify import checks
+    from verify.case import Case
+    from verify.targets import load
+
+    path = Path(__file__).resolve().parents[1] / "reports/findings/chunked-jax/chunked-jax-overflow-dk-fp16.npz"
+    out = checks.run_case(load("chunked-jax"), Case.load(path))
+    assert out.findings == [], "\n".join(f.message() for f in out.findings)
+    assert out.ratios["dk"] < 1
