@@ -191,8 +191,12 @@ def _fuzz_dtype(adapter: Adapter, sett: Settings, dtype: str, camp: Campaign, db
             return
         except _NewFinding:
             pass
+        first_file = camp.provisional[0].case_file if camp.provisional else None
         camp.provisional = []
         _save(adapter, current["case"], current["findings"], sett.repro_dir, sett)
+        if first_file and first_file != current["findings"][0].case_file:  # the unshrunk sighting's file
+            for suffix in (".npz", ".json"):
+                Path(first_file).with_suffix(suffix).unlink(missing_ok=True)
         for f in current["findings"]:
             camp.findings.append(f)
             found.add(f.category)
