@@ -14,6 +14,7 @@ here imports a framework.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -127,6 +128,18 @@ class Adapter:
     def vjp(self, case: Case) -> dict[str, np.ndarray]:
         """``dq, dk, dv`` (and ``dbias`` with a bias) for cotangent ``case.g``, by autodiff."""
         raise NotImplementedError
+
+
+def require_default_scale(target: str, scale: float | None, dk: int) -> None:
+    """Decline (``Unsupported``) a scale other than ``1/sqrt(Dk)`` for a kernel that cannot take one."""
+    if scale is not None and not math.isclose(scale * math.sqrt(dk), 1.0, rel_tol=1e-12):
+        raise Unsupported(f"{target} always scales logits by 1/sqrt(Dk) = {1 / math.sqrt(dk):.6g}; got scale={scale}")
+
+
+def require_equal_heads(target: str, hq: int, hkv: int) -> None:
+    """Decline grouped-query attention for a kernel that needs as many kv heads as query heads."""
+    if hq != hkv:
+        raise Unsupported(f"{target} has no grouped-query attention (Hq={hq}, Hkv={hkv})")
 
 
 def split_arrays(case: Case, kw: dict) -> tuple[list[np.ndarray], list[str]]:

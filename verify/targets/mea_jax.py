@@ -36,13 +36,11 @@ offsets ``mask_calc_fn`` sees, so the causal mask there is wrong.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from memory_efficient_attention import efficient_dot_product_attention_jax
 
-from verify.targets.base import Contract, TargetInfo, Unsupported
+from verify.targets.base import Contract, TargetInfo, require_default_scale, require_equal_heads
 
 DEFAULT_QUERY_CHUNK = 1024
 DEFAULT_KEY_CHUNK = 4096
@@ -91,10 +89,8 @@ def attention(
 ) -> jax.Array:
     """Canonical call -> the package's call (see the module docstring for the mapping)."""
     dk = q.shape[-1]
-    if scale is not None and not math.isclose(scale * math.sqrt(dk), 1.0, rel_tol=1e-6):
-        raise Unsupported(f"mea-jax always scales logits by 1/sqrt(Dk) = {1 / math.sqrt(dk):.6g}; got scale={scale}")
-    if q.shape[2] != k.shape[2]:
-        raise Unsupported(f"mea-jax has no grouped-query attention (Hq={q.shape[2]}, Hkv={k.shape[2]})")
+    require_default_scale("mea-jax", scale, dk)
+    require_equal_heads("mea-jax", q.shape[2], k.shape[2])
     if mask is not None or bias is not None:
         mask = None if mask is None else _four_d(mask)
         bias = None if bias is None else _four_d(bias)

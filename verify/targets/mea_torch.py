@@ -35,13 +35,12 @@ Behaviour found by reading ``attention_torch.py`` and running it (see tests/test
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
 from memory_efficient_attention import efficient_dot_product_attention_pt
 
-from verify.targets.base import Contract, TargetInfo, Unsupported
+from verify.targets.base import Contract, TargetInfo, require_default_scale
 
 INFO = TargetInfo(
     name="mea-torch",
@@ -88,8 +87,7 @@ def attention(
 ) -> torch.Tensor:
     """The package's attention on ``[B, L, H, D]`` tensors; out ``[B, Lq, H, Dv]``."""
     dk = q.shape[-1]
-    if scale is not None and scale != 1.0 / math.sqrt(dk):
-        raise Unsupported(f"mea-torch always scales by 1/sqrt(Dk) = {1.0 / math.sqrt(dk):.17g}, not {scale!r}")
+    require_default_scale("mea-torch", scale, dk)
     chunks = {}
     if query_chunk_size is not None:
         chunks["query_chunk_size"] = query_chunk_size

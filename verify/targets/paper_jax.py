@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from verify.targets.base import Contract, TargetInfo, Unsupported
+from verify.targets.base import Contract, TargetInfo, require_default_scale, require_equal_heads
 
 DEFAULT_QUERY_CHUNK = 1024
 DEFAULT_KEY_CHUNK = 4096
@@ -114,10 +114,8 @@ def attention(
 ) -> jax.Array:
     """The published listing vmapped over the batch: q [B, Lq, H, Dk], k [B, Lk, H, Dk], v [B, Lk, H, Dv]."""
     dk = q.shape[-1]
-    if scale is not None and not math.isclose(scale * math.sqrt(dk), 1.0, rel_tol=1e-6):
-        raise Unsupported(f"paper-jax always scales logits by 1/sqrt(Dk) = {1 / math.sqrt(dk):.6g}; got scale={scale}")
-    if q.shape[2] != k.shape[2]:
-        raise Unsupported(f"paper-jax has no grouped-query attention (Hq={q.shape[2]}, Hkv={k.shape[2]})")
+    require_default_scale("paper-jax", scale, dk)
+    require_equal_heads("paper-jax", q.shape[2], k.shape[2])
     qc = DEFAULT_QUERY_CHUNK if query_chunk_size is None else int(query_chunk_size)
     kc = DEFAULT_KEY_CHUNK if key_chunk_size is None else int(key_chunk_size)
     if qc < 1 or kc < 1:
