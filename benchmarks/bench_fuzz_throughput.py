@@ -47,8 +47,8 @@ def main() -> int:
             warm, wall_warm = _campaign(adapter, args.max_examples, Path(tmp))
             n = sum(cold.examples.values())
             compile_s = max(0.0, cold.seconds["target"] - warm.seconds["target"])
-            oracle, target = cold.seconds["oracle"], cold.seconds["target"] - compile_s
-            other = wall - cold.seconds["oracle"] - cold.seconds["target"]
+            oracle, target = cold.seconds["reference"], cold.seconds["target"] - compile_s
+            other = wall - cold.seconds["reference"] - cold.seconds["target"]
             print(f"{name:14s} {n:8d} {wall:7.1f} {n / wall:6.1f} {sum(warm.examples.values()) / wall_warm:9.1f} "
                   f"{oracle / wall:7.0%} {target / wall:7.0%} {compile_s / wall:8.0%} {other / wall:6.0%}  "
                   f"{len(cold.findings)}")

@@ -33,10 +33,11 @@ SWEEP = {"dtypes": ("bf16", "fp32"), "lengths": (64, 256), "query_chunks": ("16"
 
 def child(workers: int, seeds: int, out: Path) -> None:
     """One sweep in this process (the measured unit)."""
-    from verify import report
+    from verify import accuracy
+    from verify.targets import TargetSpec
 
-    sett = report.Settings(**SWEEP, seeds=seeds)
-    result = report.sweep(report.TargetSpec("chunked-torch"), sett, out, workers=workers, fresh=True, progress=False)
+    sett = accuracy.Settings(**SWEEP, seeds=seeds)
+    result = accuracy.sweep(TargetSpec("chunked-torch"), sett, out, workers=workers, fresh=True)
     (out / "run.json").write_text(json.dumps({"cells": len(result["cells"]), "sweep": result["run"]["seconds"]}))
 
 

@@ -64,6 +64,36 @@ def nan_output(q, k, v, **kw):
     return out
 
 
+def inf_output(q, k, v, **kw):
+    out = _same_dtype(q, k, v, **kw)
+    out[0, 0, 0, 0] = np.inf
+    return out
+
+
+def all_nan(q, k, v, **kw):
+    return np.full_like(_same_dtype(q, k, v, **kw), np.nan)
+
+
+def two_bugs(q, k, v, *, causal=False, **kw):
+    """Two distinct bugs: raises on causal calls, and scales the output by 1.5 otherwise."""
+    if causal:
+        raise RuntimeError("causal path not implemented")
+    return (_same_dtype(q, k, v, **kw).astype(np.float64) * 1.5).astype(q.dtype)
+
+
+def hangs_on_long(q, k, v, **kw):
+    """Correct, except that it hangs (sleeps a minute) when there are more than 16 keys."""
+    if k.shape[1] > 16:
+        time.sleep(60)
+    return _same_dtype(q, k, v, **kw)
+
+
+def slow(q, k, v, **kw):
+    """Correct and slow: 50 ms a call (for interrupting a campaign mid-run)."""
+    time.sleep(0.05)
+    return _same_dtype(q, k, v, **kw)
+
+
 def flush_tiny(q, k, v, **kw):
     """Flushes every output below 2**-100 to zero: an underflow bug for tiny values."""
     out = _same_dtype(q, k, v, **kw)
@@ -77,7 +107,8 @@ def masked_rows_nan(q, k, v, **kw):
     return naive.attention(q, k, v, dtype=q.dtype, **kw).out.astype(q.dtype)
 
 
-for _fn in (crashes, hangs, wrong_shape, wrong_dtype, nan_output, flush_tiny, masked_rows_nan):
+for _fn in (crashes, hangs, wrong_shape, wrong_dtype, nan_output, inf_output, all_nan, flush_tiny, masked_rows_nan,
+            two_bugs, hangs_on_long, slow):
     _meta(_fn, ("mask", "bias", "causal", "gqa"))
 
 

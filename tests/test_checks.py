@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+import types
+
 import numpy as np
 import pytest
 
 from oracles import mp
 from tests import fixture_targets as ft
-from verify import checks, tolerance
+from verify import checks, reference, tolerance
 from verify.case import Case
 from verify.targets import load
 from verify.targets.base import Contract
@@ -40,19 +43,46 @@ def test_correct_reference_has_no_findings(dtype):
 
 @pytest.mark.parametrize(
     ("name", "category"),
-    [("crashes", "crash"), ("wrong_shape", "shape"), ("wrong_dtype", "dtype"), ("nan_output", "overflow")],
+    [("crashes", "crash"), ("wrong_shape", "shape"), ("wrong_dtype", "dtype"), ("nan_output", "nan"),
+     ("inf_output", "overflow")],
 )
 def test_each_failure_mode_gives_its_category(name, category):
     out = _run(name, _case(g=False), checks=("forward",))
     assert [f.category for f in out.findings] == [category]
     f = out.findings[0]
     assert f.target == f"tests.fixture_targets:{name}" and f.dtype == "fp32"
-    assert category in f.message()
+    assert f"FAIL {category} ·" in f.message()
 
 
-def test_crash_message_names_the_exception():
-    f = _run("crashes", _case(g=False), checks=("forward",)).findings[0]
-    assert "RuntimeError: kernel launch failed" in f.detail
+def test_crash_message_names_the_exception_once():
+    f = _run("crashes", _case(), checks=("forward", "grad")).findings
+    assert [x.category for x in f] == ["crash"]  # once per case, not once per check
+    detail = f[0].detail
+    assert detail.startswith("RuntimeError: kernel launch failed (at ") and detail.count("kernel launch failed") == 1
+    assert "fixture_targets.py:" in detail
+
+
+def test_shape_message_and_nonfinite_messages_say_what_and_how():
+    shape = _run("wrong_shape", _case(g=False), checks=("forward",)).findings[0]
+    assert shape.detail == "out has shape [1, 5, 2, 1], expected [1, 5, 2, 3]"
+    nan = _run("nan_output", _case(g=False), checks=("forward",)).findings[0]
+    msg = nan.message()
+    assert "NaN where the exact value is finite" in msg and "got nan" in msg and "ulp" not in msg
+    assert "stays finite there" in msg and "a defect of this kernel" in msg
+
+
+def test_an_exact_zero_shows_the_absolute_error_not_ulps():
+    mask = np.zeros((1, 1, 5, 7), bool)
+    mask[..., 0] = True
+    case = _case(g=False, mask=mask, mask_kind="custom")
+    case = case.with_(v=np.zeros_like(case.v))  # every exact output is 0
+
+    def off(q, k, v, **kw):
+        return np.full((1, 5, 2, 3), 1e-3, np.float32)
+
+    found = checks.run_case(_numpy_target(off), case, checks=("forward",)).findings
+    assert [f.category for f in found] == ["forward"] and found[0].exact == 0 and found[0].ulps is None
+    assert "Δ +0.001)" in found[0].message()
 
 
 def test_hang_is_a_timeout_finding_not_a_hang():
@@ -77,37 +107,39 @@ def test_masked_row_policy_violation():
     assert out.findings[0].index[1] == 2  # the fully masked query row
 
 
+def _numpy_target(fn):
+    from verify.targets import adapter_for
+    from verify.targets.base import TargetInfo
+
+    return adapter_for(fn, TargetInfo(name=fn.__name__, framework="numpy", features=frozenset({"mask"})))
+
+
 def test_finding_message_reads_in_allowances_and_ulps():
     out = checks.run_case(load("tests.fixture_targets:reference"), _case(), checks=("forward",))
     assert out.findings == []
     # Perturb the reference by a known amount: 10x the allowance of one element.
     case = _case(g=False)
-    exact = checks.exact(case, "zeros", grad=False)
+    exact = reference.exact(case, "zeros", grad=False)
     allow = tolerance.bound(case, Contract(), exact.p)
     bumped = exact.out + 10 * allow.out * (np.arange(exact.out.size).reshape(exact.out.shape) == 3)
 
     def target(q, k, v, **kw):
         return bumped.astype(np.float32)
 
-    target.attnverify = {"framework": "numpy"}
-    import sys
-    import types
-
-    mod = types.ModuleType("bumped_target")
-    mod.target = target
-    sys.modules["bumped_target"] = mod
-    found = checks.run_case(load("bumped_target:target"), case, checks=("forward",)).findings
+    found = checks.run_case(_numpy_target(target), case, checks=("forward",)).findings
     assert [f.category for f in found] == ["forward"]
     f = found[0]
     assert f.count == 1 and f.index == tuple(int(i) for i in np.unravel_index(3, exact.out.shape))
     assert 9 < f.ratio < 11
-    assert "× allowance" in f.message() and "ulp" in f.message()
+    msg = f.message()
+    assert "× allowance" in msg and "ulp" in msg and "·u·A with u = 2^-24" in msg
+    assert "a plain fp32 implementation (accumulate fp32" in msg and "exact values: mp" in msg
 
 
 def test_bound_covers_fp32_statistics_and_is_not_vacuous():
     """The allowance of a correct fp32-statistics kernel is a few u*A, not a blanket tolerance."""
     case = _case("bf16")
-    exact = checks.exact(case, "zeros", grad=True)
+    exact = reference.exact(case, "zeros", grad=True)
     allow = tolerance.bound(case, Contract(round_probs=False), exact.p)
     a = mp.attention(case.q, case.k, np.abs(case.v)).out
     ratio = allow.out / (allow.u * a)
@@ -128,24 +160,20 @@ def test_unknown_policy_is_a_clear_error():
         _run("reference", _case(), policy="loose")
 
 
-def test_fixture_module_is_importable():
-    assert callable(ft.reference.vjp)
-
-
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_uniform_policy_target_is_judged_by_its_own_policy(dtype):
     mask = np.ones((1, 1, 5, 7), bool)
     mask[..., 1, :] = False
     case = _case(dtype, mask=mask, mask_kind="masked-rows")
     assert _run("uniform_rows", case).findings == []
-    # The same output judged under the zeros policy is a masked-row finding (out and dq rows).
-    found = _run("reference", case).findings
-    assert found == []
+    assert _run("reference", case).findings == []  # a zeros-policy target on the same case is fine too
+    # The uniform target's output judged under the zeros policy: a masked-row finding (out and dq rows),
+    # and dv, which the uniform policy spreads g / Lk into, is a grad finding.
     wrong = checks.run_case(load("tests.fixture_targets:uniform_rows", masked_rows="zeros"), case)
-    assert {f.category for f in wrong.findings} == {"masked-row", "grad"}
+    assert {(f.category, f.output) for f in wrong.findings} == {("masked-row", "out"), ("grad", "dv")}
 
 
-def test_a_target_may_decline_a_case_without_a_finding():
+def test_a_target_may_decline_a_case_without_a_finding(monkeypatch):
     from verify.targets import Unsupported
 
     def picky(q, k, v, *, scale=None, **kw):
@@ -153,12 +181,9 @@ def test_a_target_may_decline_a_case_without_a_finding():
             raise Unsupported("picky takes no explicit scale")
         return ft.reference(q, k, v, scale=scale, **kw)
 
-    import sys
-    import types
-
     mod = types.ModuleType("picky_target")
     mod.picky = picky
-    sys.modules["picky_target"] = mod
+    monkeypatch.setitem(sys.modules, "picky_target", mod)
     adapter = load("picky_target:picky", framework="numpy")
     out = checks.run_case(adapter, _case(g=False, scale=0.5), checks=("forward",))
     assert out.findings == [] and out.declined == "picky takes no explicit scale"

@@ -1,88 +1,142 @@
-"""``attnverify bundled``: the main job, the gate and the reports for every bundled target.
+"""The main job (``attnverify bundled``, ``./dev run``): fuzz, accuracy reports and gate for every bundled target.
 
 For each bundled target that can run here: a fuzz campaign (the CI profile: seed 0, all checks,
-bf16/fp16/fp32), an accuracy sweep (``verify.report``, re-measured from scratch) gated against the
-committed ``report.json`` when one exists, and memory against length (``verify.memory``) for
-``MEMORY_TARGETS`` with their dense references. Everything
-goes to ``--out`` (``reports/`` by default), with ``README.md`` summarising it.
+bf16/fp16/fp32), an accuracy sweep (re-measured from scratch) gated against the committed
+``report.json`` when one of the same schema exists, and memory against length for
+``MEMORY_TARGETS`` with their dense references. Everything goes to ``out`` (``reports/``), with
+``README.md`` summarising it.
 
-Exit status 1 when the job's gate fails: a finding on one of *our* implementations
-(``OURS``: the corrected chunked kernels), or an accuracy regression of any target against its
-committed baseline. Findings on third-party targets are the point of reporting them, not a failure.
+The committed outputs are reproducible: seeded campaigns, deterministic figures, no timings in
+them. Every second measured goes to one file meant to change, ``timings.json``; the job reads the
+previous one to say up front how long it will take, and prints progress while it runs.
+
+Exit status 1 when the gate fails: a finding on one of *our* implementations (``OURS``: the
+corrected chunked kernels), or an accuracy regression of any target against its committed baseline.
+Findings on third-party targets are the point of reporting them, not a failure.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import shutil
+import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
-from verify import fuzz, memory, report
-from verify.targets import BUNDLED, Unavailable, load
+from verify import accuracy, fuzz, memory
+from verify.targets import BUNDLED, TargetSpec, Unavailable
 
 OURS = ("chunked-jax", "chunked-torch")
 MEMORY_TARGETS = ("chunked-jax", "paper-jax")
 
 
-def _fuzz(name: str, out: Path, max_examples: int) -> dict:
-    adapter = load(name)
-    sett = fuzz.Settings(max_examples=max_examples, database=None, repro_dir=out / "findings")
-    camp = fuzz.run(adapter, sett, json_path=out / "fuzz.json")
+@dataclass(frozen=True)
+class Settings:
+    """The main job's knobs (the command line's defaults come from here)."""
+
+    out: Path = Path("reports")
+    targets: tuple[str, ...] = tuple(BUNDLED)
+    max_examples: int = 100  # fuzz target runs per dtype
+    workers: int = 2
+    max_regression: float = accuracy.DEFAULT_MAX_REGRESSION
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _fuzz(name: str, out: Path, max_examples: int, timings: dict) -> tuple[dict, list[dict]]:
+    findings_dir = out / "findings"
+    shutil.rmtree(findings_dir, ignore_errors=True)  # only this run's case files stay
+    sett = fuzz.Settings(max_examples=max_examples, database=None, repro_dir=findings_dir)
+    last = [time.monotonic()]
+
+    def progress(camp: fuzz.Campaign, dtype: str) -> None:
+        if time.monotonic() - last[0] >= 10:
+            last[0] = time.monotonic()
+            _say(f"  ... {name}: fuzzing {dtype}, {sum(camp.examples.values())} examples, "
+                 f"{len(camp.findings)} finding(s)")
+
+    camp = fuzz.run(TargetSpec(name).load(), sett, on_progress=progress)
+    data = camp.to_json()
+    timings["fuzz"] = data.pop("seconds")
+    (out / "fuzz.json").write_text(json.dumps(data, indent=2) + "\n")
     cats = Counter(f"{f.category}/{f.dtype}" for f in camp.findings)
-    return {"examples": sum(camp.examples.values()), "seconds": camp.seconds["total"],
-            "findings": len(camp.findings), "by_category": dict(sorted(cats.items()))}
+    return {"examples": sum(camp.examples.values()), "findings": len(camp.findings),
+            "by_category": dict(sorted(cats.items()))}, data["findings"]
 
 
-def _report(name: str, out: Path, workers: int, max_regression: float) -> dict:
+def _report(name: str, out: Path, findings: list[dict], sett: Settings, timings: dict) -> dict:
     committed = out / "report.json"
     baseline = json.loads(committed.read_text()) if committed.exists() else None
-    rep = report.sweep(report.TargetSpec(name), report.Settings(), out, workers=workers, fresh=True,
-                       progress=False)
-    summary = {"cells": len(rep["cells"]), "seconds": rep["run"]["seconds"], "regressions": None}
-    if baseline is not None:
-        rep["gate"] = {"baseline": str(committed), **report.gate(rep, baseline, max_regression)}
+    rep = accuracy.sweep(TargetSpec(name), accuracy.Settings(), out, workers=sett.workers, fresh=True,
+                         progress=accuracy.progress_printer(name))
+    rep["findings"] = findings
+    summary = {"cells": len(rep["cells"]), "regressions": None, "baseline": "none committed"}
+    if baseline is not None and baseline.get("schema_version") != accuracy.SCHEMA_VERSION:
+        summary["baseline"] = f"schema {baseline.get('schema_version')} (this job writes {accuracy.SCHEMA_VERSION}): " \
+                              "regenerated, not gated"
+    elif baseline is not None:
+        rep["gate"] = {"baseline": str(committed), **accuracy.gate(rep, baseline, sett.max_regression)}
         summary["regressions"] = len(rep["gate"]["regressions"])
-    report.write(rep, out)
+        summary["baseline"] = "gated"
+    timings["report"] = rep["run"]["seconds"]
+    accuracy.write(rep, out, timings=False)
     return summary
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run every stage for every target; print and write the summary; return the gate's status."""
-    out = Path(args.out)
-    names = args.targets or list(BUNDLED)
-    rows, failures = [], []
-    for name in names:
-        if name not in BUNDLED:
-            raise ValueError(f"unknown bundled target {name!r}; known: {', '.join(BUNDLED)}")
+def run(sett: Settings) -> int:
+    """Run every stage for every target; write the summary and ``timings.json``; return the gate's status."""
+    out = sett.out
+    unknown = [n for n in sett.targets if n not in BUNDLED]
+    if unknown:
+        raise ValueError(f"unknown bundled target {unknown[0]!r}; known: {', '.join(BUNDLED)}")
+    previous = _read(out / "timings.json")
+    if previous.get("total"):
+        _say(f"bundled: the last run took {previous['total'] / 60:.1f} min ({out / 'timings.json'})")
+    rows, failures, timings = [], [], {}
+    t_start = time.perf_counter()
+    for name in sett.targets:
         try:
-            load(name)
+            TargetSpec(name).load()
         except Unavailable as exc:
             rows.append({"target": name, "unavailable": str(exc)})
-            print(f"{name}: skipped, {exc}", flush=True)
+            _say(f"{name}: skipped, {exc}")
             continue
         tdir = out / name
-        t0 = time.perf_counter()
-        print(f"{name}: fuzzing ({args.max_examples} examples per dtype)", flush=True)
-        fz = _fuzz(name, tdir, args.max_examples)
-        print(f"{name}: {fz['findings']} finding(s) in {fz['examples']} examples; accuracy sweep", flush=True)
-        rp = _report(name, tdir, args.workers, args.max_regression)
-        rows.append({"target": name, "fuzz": fz, "report": rp, "seconds": time.perf_counter() - t0})
+        tdir.mkdir(parents=True, exist_ok=True)
+        t = timings[name] = {}
+        _say(f"{name}: fuzzing ({sett.max_examples} examples per dtype)")
+        fz, found = _fuzz(name, tdir, sett.max_examples, t)
+        _say(f"{name}: {fz['findings']} finding(s) in {fz['examples']} examples; accuracy sweep")
+        rp = _report(name, tdir, found, sett, t)
+        rows.append({"target": name, "fuzz": fz, "report": rp})
         if name in OURS and fz["findings"]:
             failures.append(f"{name}: {fz['findings']} finding(s), see {tdir / 'fuzz.json'}")
         if rp["regressions"]:
             failures.append(f"{name}: {rp['regressions']} accuracy regression(s), see {tdir / 'report.md'}")
-    for name in MEMORY_TARGETS:
-        if name in names and not any(r["target"] == name and "unavailable" in r for r in rows):
-            print(f"{name}: memory against length", flush=True)
-            margs = memory.add_parser(argparse.ArgumentParser().add_subparsers()).parse_args(
-                ["--target", name, "--out", str(out / name / "memory")])
-            memory.run(margs)
+        if name in MEMORY_TARGETS:
+            _say(f"{name}: memory against length")
+            t0 = time.perf_counter()
+            memory.run(TargetSpec(name), memory.Settings(), tdir / "memory")
+            t["memory"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
     (out / "summary.json").write_text(json.dumps({"targets": rows, "failures": failures}, indent=2) + "\n")
-    (out / "README.md").write_text(_markdown(rows, failures))
-    print(_markdown(rows, failures))
+    (out / "timings.json").write_text(json.dumps(timings, indent=1, sort_keys=True) + "\n")
+    text = _markdown(rows, failures)
+    (out / "README.md").write_text(text)
+    print(text)
+    print(f"bundled: {timings['total'] / 60:.1f} min; timings in {out / 'timings.json'}")
     return 1 if failures else 0
+
+
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _markdown(rows: list[dict], failures: list[str]) -> str:
@@ -90,8 +144,9 @@ def _markdown(rows: list[dict], failures: list[str]) -> str:
              "Made by `./dev run` (`attnverify bundled`). Per target: the fuzz campaign's findings "
              "(`<target>/fuzz.json`, case files in `<target>/findings/`, replay with `attnverify repro`) and "
              "the accuracy report (`<target>/report.md`, `<target>/index.html`); memory against length in "
-             "`<target>/memory/memory.md` for chunked-jax and paper-jax.", "",
-             "| target | fuzz examples | findings | by category/dtype | report cells | vs committed baseline |",
+             f"`<target>/memory/memory.md` for {' and '.join(MEMORY_TARGETS)}. Seeded and deterministic: "
+             "rerunning it changes only `timings.json`.", "",
+             "| target | fuzz examples | findings | by category/dtype | report cells | committed baseline |",
              "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if "unavailable" in r:
@@ -99,22 +154,9 @@ def _markdown(rows: list[dict], failures: list[str]) -> str:
             continue
         fz, rp = r["fuzz"], r["report"]
         cats = ", ".join(f"{k} ×{v}" for k, v in fz["by_category"].items()) or "-"
-        gate = "no baseline" if rp["regressions"] is None else (
+        gate = rp["baseline"] if rp["regressions"] is None else (
             "pass" if rp["regressions"] == 0 else f"{rp['regressions']} regression(s)")
         lines.append(f"| [{r['target']}]({r['target']}/report.md) | {fz['examples']} | {fz['findings']} | {cats} "
                      f"| {rp['cells']} | {gate} |")
     lines += ["", "Gate: " + ("FAIL\n\n" + "\n".join(f"- {f}" for f in failures) if failures else "pass"), ""]
     return "\n".join(lines)
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``attnverify bundled`` to the CLI's subparsers."""
-    from verify.cli import _csv
-
-    p = subparsers.add_parser("bundled", help="the main job: fuzz, reports and gate for the bundled targets")
-    p.add_argument("--out", default="reports")
-    p.add_argument("--targets", type=_csv, help=f"subset of {','.join(BUNDLED)}")
-    p.add_argument("--max-examples", type=int, default=100, help="fuzz examples per dtype")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--max-regression", type=float, default=report.DEFAULT_MAX_REGRESSION)
-    return p

@@ -7,6 +7,7 @@ without Hypothesis, so ``attnverify repro FILE`` replays them anywhere.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -71,9 +72,26 @@ class Case:
     def with_(self, **changes: object) -> Case:
         return replace(self, **changes)
 
+    def digest(self, chunks: bool = True) -> str:
+        """A hex digest of everything that defines the call (arrays with dtypes and shapes, parameters).
+
+        ``chunks=False`` leaves the chunk sizes out: cases that differ only in them share exact values.
+        """
+        h = hashlib.sha256()
+        for name in _ARRAYS:
+            arr = getattr(self, name)
+            h.update(name.encode())
+            if arr is not None:
+                arr = np.ascontiguousarray(arr)
+                h.update(f"{arr.dtype}{arr.shape}".encode() + arr.tobytes())
+        h.update(json.dumps([self.scale, self.causal]).encode())
+        if chunks:
+            h.update(json.dumps([self.query_chunk_size, self.key_chunk_size]).encode())
+        return h.hexdigest()
+
     def save(self, path: str | Path) -> Path:
-        """Write ``PATH.npz`` and ``PATH.json``; returns the .npz path."""
-        path = Path(path).with_suffix("")
+        """Write ``PATH.npz`` and ``PATH.json`` (``path`` is a stem: any dots in it are kept); returns the .npz."""
+        path = _stem(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         arrays, dtypes = {}, {}
         for name in _ARRAYS:
@@ -83,7 +101,8 @@ class Case:
             arr = np.asarray(arr)
             dtypes[name] = "bool" if arr.dtype == np.bool_ else spec.dtype_name(arr.dtype)
             arrays[name] = arr.view(np.uint16) if dtypes[name] == "bf16" else arr
-        np.savez(path.with_suffix(".npz"), **arrays)
+        npz, js = _with(path, ".npz"), _with(path, ".json")
+        np.savez(npz, **arrays)
         params = {
             "format": FORMAT_VERSION,
             "dtypes": dtypes,
@@ -95,18 +114,18 @@ class Case:
             "mask_kind": self.mask_kind,
             "meta": self.meta,
         }
-        path.with_suffix(".json").write_text(json.dumps(params, indent=2, sort_keys=True) + "\n")
-        return path.with_suffix(".npz")
+        js.write_text(json.dumps(params, indent=2, sort_keys=True) + "\n")
+        return npz
 
     @classmethod
     def load(cls, path: str | Path) -> Case:
-        """Read a case written by ``save`` (given either the .npz or the .json path)."""
-        path = Path(path).with_suffix("")
-        params = json.loads(path.with_suffix(".json").read_text())
+        """Read a case written by ``save`` (given its stem, or the .npz or the .json path)."""
+        path = _stem(path)
+        params = json.loads(_with(path, ".json").read_text())
         if params.get("format") != FORMAT_VERSION:
             raise ValueError(f"{path}.json: unknown case format {params.get('format')!r}")
         arrays = {}
-        with np.load(path.with_suffix(".npz"), allow_pickle=False) as data:
+        with np.load(_with(path, ".npz"), allow_pickle=False) as data:
             for name, dt in params["dtypes"].items():
                 arr = data[name]
                 arrays[name] = arr.view(spec.as_dtype("bf16")) if dt == "bf16" else arr
@@ -120,3 +139,19 @@ class Case:
             mask_kind=params["mask_kind"],
             meta=params.get("meta", {}),
         )
+
+
+def _stem(path: str | Path) -> Path:
+    """``path`` without a trailing ``.npz`` / ``.json`` (other dots, as in ``mykernels.attn``, stay)."""
+    path = Path(path)
+    return path.with_name(path.name[: -len(path.suffix)]) if path.suffix in (".npz", ".json") else path
+
+
+def _with(stem: Path, suffix: str) -> Path:
+    return stem.with_name(stem.name + suffix)
+
+
+def case_files(stem: str | Path) -> tuple[Path, Path]:
+    """The ``.npz`` and ``.json`` files of the case saved at ``stem``."""
+    stem = _stem(stem)
+    return _with(stem, ".npz"), _with(stem, ".json")

@@ -1,51 +1,87 @@
 """Checks: run a target on a case, compare with the exact answer, and name what is wrong.
 
-``run_case`` computes the exact values (mp oracle), the allowance (tolerance model), calls the
-target's forward and VJP under a time limit, and returns findings in named categories:
+``run_case`` computes the exact values (``verify.reference``), the allowance (``verify.tolerance``),
+runs the target's passes through an executor (``verify.execution``) and returns findings in named
+categories (``verify.findings.CATEGORIES``):
 
 - ``forward`` / ``grad``: a finite value beyond its allowance;
-- ``overflow``: non-finite where the exact value is finite (and finite in the dtype);
+- ``overflow`` (±inf) / ``nan``: non-finite where the exact value is finite (and the allowed
+  range stays below the dtype's overflow threshold, where inf is a correct rounding);
 - ``underflow``: the exact value is a normal number of the dtype near the bottom of its range
   (below ``tiny / u``), the target gives 0 or a subnormal, beyond the allowance;
 - ``masked-row``: a fully masked row that breaks the declared policy (output, or ``dq``);
-- ``shape`` / ``dtype``: wrong output shape or dtype; ``crash``: the target raised;
-  ``timeout``: a call ran past its limit.
+- ``shape`` / ``dtype``: wrong output shape or dtype; ``crash``: the target raised (or its
+  process died); ``timeout``: a call ran past its limit. A failing pass ends the case: a crash is
+  reported once per case, not once per check.
 
-A crash, hang or NaN of a target is a finding here, never an exception of the harness. A target
-(or its adapter) that raises ``verify.targets.Unsupported`` declines the case (say, a scale other
-than ``1/sqrt(Dk)`` for a kernel that cannot take one): no finding, and campaigns count declines.
+``compare`` is the one comparison of a result array with its exact value: the fuzz checks build
+findings from it and the accuracy report its per-cell figures. A target that declines a case
+(``Unsupported``) gives no finding; campaigns count declines. Findings of a value or non-finite
+kind say how a plain same-precision implementation (``oracles.naive`` in the target's dtype and
+contract) does at the same element, so a reader tells a kernel defect from a limit of the precision.
 """
 
 from __future__ import annotations
 
-import threading
 import time
-import traceback
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from oracles import mp, spec
-from verify import tolerance
+from oracles import naive, spec
+from verify import reference, tolerance
 from verify.case import Case
+from verify.execution import Calls, InProcess
 from verify.findings import Finding
-from verify.targets.base import Adapter, Unsupported
+from verify.targets.base import Adapter, TargetInfo
 
 CHECKS = ("forward", "grad")
-DEFAULT_TIMEOUT = 120.0
-
-
-class TargetTimeout(Exception):
-    """A target call ran past its time limit."""
+DEFAULT_TIMEOUT = 120.0  # seconds per target call
 
 
 @dataclass
-class Exact:
-    """The oracle's values for one case (float64)."""
+class Comparison:
+    """One result array against its exact value and allowance (all float64, one shape)."""
 
-    out: np.ndarray
-    p: np.ndarray
-    grads: dict[str, np.ndarray] | None = None
+    name: str
+    got: np.ndarray
+    want: np.ndarray
+    allow: np.ndarray
+    err: np.ndarray  # |got - want|
+    checked: np.ndarray  # the exact value is a number within the dtype's range
+    nonfinite: np.ndarray  # checked, finite exact value, got inf (not a correct rounding) or NaN
+    beyond: np.ndarray  # checked, finite got, err > allow
+    underflow: np.ndarray  # beyond, exact near the bottom of the normal range, got 0 or subnormal
+    masked: np.ndarray  # elements of fully masked rows
+
+    @property
+    def worst_ratio(self) -> float | None:
+        """max err / allow over checked finite results (None: no such element)."""
+        ok = self.checked & np.isfinite(self.got) & (self.allow > 0)
+        if not ok.any():
+            return None
+        return float((self.err[ok] / self.allow[ok]).max())
+
+
+def compare(name: str, got: np.ndarray, want: np.ndarray, allow: np.ndarray, dtype: str,
+            masked: np.ndarray | None = None) -> Comparison:
+    """Compare ``got`` with ``want`` elementwise under ``allow`` in ``dtype`` (``masked``: rows under the policy)."""
+    info = spec.finfo(dtype)
+    got = np.asarray(got).astype(np.float64)
+    masked = np.zeros(got.shape, bool) if masked is None else np.broadcast_to(masked, got.shape)
+    with np.errstate(invalid="ignore", over="ignore"):
+        allow = np.where(np.isnan(allow), np.inf, allow)
+        checked = ~np.isnan(want) & (np.abs(want) <= float(info.max))
+        err = np.abs(got - want)
+        # inf is the correct rounding of anything past max + ulp/2: a result allowed to reach that far
+        # may round to inf, so only a result bounded below it is an overflow.
+        may_round_to_inf = np.abs(want) + allow >= float(info.max) * (1 + spec.unit_roundoff(dtype))
+        nonfinite = checked & np.isfinite(want) & (np.isnan(got) | (np.isinf(got) & ~may_round_to_inf))
+        beyond = checked & np.isfinite(got) & (err > allow)
+    tiny = float(info.tiny)
+    near = (np.abs(want) >= tiny) & (np.abs(want) < tiny / spec.unit_roundoff(dtype))
+    underflow = beyond & ~masked & near & (np.abs(got) < tiny)
+    return Comparison(name, got, want, allow, err, checked, nonfinite, beyond, underflow, masked)
 
 
 @dataclass
@@ -53,178 +89,158 @@ class Outcome:
     """Everything one case gave: findings, the worst error per output in allowances, timings."""
 
     findings: list[Finding] = field(default_factory=list)
-    ratios: dict[str, float] = field(default_factory=dict)
+    ratios: dict[str, float | None] = field(default_factory=dict)  # None: no finite result to compare
     seconds: dict[str, float] = field(default_factory=dict)
     declined: str | None = None  # why the target raised Unsupported for this case
+    reference: str = ""  # which reference decided the exact values
+    unconstrained_rows: int = 0  # rows whose logit error makes any answer acceptable (tolerance model)
 
 
-def exact(case: Case, masked_rows: str, grad: bool) -> Exact:
-    """Oracle values: mp forward (and VJP for ``case.g`` when ``grad``)."""
-    kw = dict(case.semantics(), masked_rows=masked_rows, probs=True)
-    if grad:
-        res = mp.attention_vjp(case.q, case.k, case.v, case.g, **kw)
-        grads = {"dq": res.dq, "dk": res.dk, "dv": res.dv}
-        if res.dbias is not None:
-            grads["dbias"] = res.dbias
-        return Exact(res.out, res.p, grads)
-    res = mp.attention(case.q, case.k, case.v, **kw)
-    return Exact(res.out, res.p)
+class _Findings:
+    """Builds the findings of one case."""
 
+    def __init__(self, info: TargetInfo, case: Case, truth: reference.Exact, allow: tolerance.Allowance) -> None:
+        self.info, self.case, self.truth, self.allow = info, case, truth, allow
+        self.found: list[Finding] = []
+        self._plain: dict[str, np.ndarray] | None = None
 
-def call_with_timeout(fn, timeout: float):
-    """``fn()`` in a daemon thread; raises what it raised, or ``TargetTimeout`` past ``timeout`` s."""
-    box: dict = {}
-
-    def run() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - everything a target raises is reported
-            box["error"] = exc
-            box["tb"] = traceback.format_exc(limit=-3)
-
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    worker.join(timeout)
-    if worker.is_alive():
-        raise TargetTimeout(f"call ran past {timeout:g} s")
-    if "error" in box:
-        box["error"].attnverify_tb = box["tb"]
-        raise box["error"]
-    return box["value"]
-
-
-class _Comparer:
-    """Compares one case's outputs and gradients and builds findings."""
-
-    def __init__(self, adapter: Adapter, case: Case) -> None:
-        self.adapter, self.case = adapter, case
-        self.info = adapter.info
-        self.findings: list[Finding] = []
-        self.ratios: dict[str, float] = {}
-        self.declined: str | None = None
-
-    def finding(self, category: str, check: str, output: str = "out", **kw) -> Finding:
+    def add(self, category: str, check: str, output: str = "out", **kw) -> Finding:
         c = self.case
-        f = Finding(
-            category=category, check=check, target=self.info.name, dtype=c.dtype, family=c.family,
-            mask_kind=c.mask_kind, describe=c.describe(), output=output, dims=c.dims,
-            chunks=(c.query_chunk_size, c.key_chunk_size), **kw,
-        )
-        self.findings.append(f)
+        f = Finding(category=category, check=check, target=self.info.name, dtype=c.dtype, family=c.family,
+                    mask_kind=c.mask_kind, describe=c.describe(), output=output, dims=c.dims,
+                    chunks=(c.query_chunk_size, c.key_chunk_size), reference=self.truth.reference, **kw)
+        self.found.append(f)
         return f
 
-    def structure(self, check: str, output: str, got: np.ndarray, want_shape: tuple) -> bool:
+    def structure(self, check: str, output: str, got: object, want_shape: tuple) -> bool:
         """Shape and dtype findings; False when values cannot be compared."""
+        want = list(want_shape)
         if not isinstance(got, np.ndarray) or got.shape != tuple(want_shape):
-            shape = getattr(got, "shape", type(got).__name__)
-            self.finding("shape", check, output, detail=f"{output} has shape {shape}, expected {list(want_shape)}")
+            shape = list(got.shape) if hasattr(got, "shape") else type(got).__name__
+            self.add("shape", check, output, detail=f"{output} has shape {shape}, expected {want}")
             return False
         try:
             name = spec.dtype_name(got.dtype)
         except ValueError:
             name = str(got.dtype)
         if name != self.case.dtype:
-            self.finding("dtype", check, output, detail=f"{output} has dtype {name}, expected {self.case.dtype}")
+            self.add("dtype", check, output, detail=f"{output} has dtype {name}, expected {self.case.dtype}")
         return True
 
-    def compare(self, check: str, output: str, got: np.ndarray, want: np.ndarray, allow: np.ndarray,
-                masked: np.ndarray | None) -> None:
-        """Findings for one array: masked-row, overflow, underflow and value categories."""
-        dtype = self.case.dtype
-        info = spec.finfo(dtype)
-        got = got.astype(np.float64)
-        masked = np.zeros(got.shape, bool) if masked is None else np.broadcast_to(masked, got.shape)
-        with np.errstate(invalid="ignore", over="ignore"):
-            allow = np.where(np.isnan(allow), np.inf, allow)
-            in_range = np.abs(want) <= float(info.max)
-            checked = ~np.isnan(want) & in_range
-            err = np.abs(got - want)
-            # inf is the correct rounding of anything past max + ulp/2: a result allowed to reach
-            # that far may round to inf, so only a result bounded below it is an overflow.
-            limit = float(info.max) * (1 + spec.unit_roundoff(dtype))
-            may_round_to_inf = np.abs(want) + allow >= limit
-            nonfinite = checked & np.isfinite(want) & (np.isnan(got) | (np.isinf(got) & ~may_round_to_inf))
-            beyond = checked & np.isfinite(got) & (err > allow)
-            ratio = np.where(checked & np.isfinite(got) & (allow > 0), err / np.where(allow > 0, allow, 1), 0.0)
-        finite_ratio = ratio[np.isfinite(ratio)]
-        self.ratios[output] = max(self.ratios.get(output, 0.0), float(finite_ratio.max(initial=0.0)))
+    def values(self, check: str, cmp: Comparison, scale: np.ndarray) -> None:
+        """masked-row, overflow / nan, underflow and value findings of one compared array."""
         policy = self.info.masked_rows
-        masked_bad = masked & ((beyond | nonfinite) if policy != "nan" else ~np.isnan(got))
-        if masked_bad.any():
-            self._worst("masked-row", check, output, masked_bad, got, want, allow, err,
-                        detail=f"declared masked-row policy {policy!r}")
-        # Underflow: a normal exact value near the bottom of the range (within 1/u of the smallest
-        # normal) lost to 0 or a subnormal. A 0 where the exact value is ~1 is a value bug.
-        tiny = float(info.tiny)
-        near = (np.abs(want) >= tiny) & (np.abs(want) < tiny / spec.unit_roundoff(dtype))
-        under = beyond & ~masked & near & (np.abs(got) < tiny)
-        over = nonfinite & ~masked
-        value = beyond & ~masked & ~under
-        for category, sel in (("overflow", over), ("underflow", under), (check, value)):
+        bad_rows = cmp.masked & ((cmp.beyond | cmp.nonfinite) if policy != "nan" else ~np.isnan(cmp.got))
+        if bad_rows.any():
+            self._worst("masked-row", check, cmp, bad_rows, scale, detail=f"declared masked-row policy {policy!r}")
+        free = ~cmp.masked
+        selections = (("nan", cmp.nonfinite & free & np.isnan(cmp.got)),
+                      ("overflow", cmp.nonfinite & free & np.isinf(cmp.got)),
+                      ("underflow", cmp.underflow),
+                      (check, cmp.beyond & free & ~cmp.underflow))
+        for category, sel in selections:
             if sel.any():
-                self._worst(category, check, output, sel, got, want, allow, err)
+                self._worst(category, check, cmp, sel, scale)
 
-    def _worst(self, category: str, check: str, output: str, sel: np.ndarray, got: np.ndarray,
-               want: np.ndarray, allow: np.ndarray, err: np.ndarray, detail: str = "") -> None:
+    def _worst(self, category: str, check: str, cmp: Comparison, sel: np.ndarray, scale: np.ndarray,
+               detail: str = "") -> None:
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-            score = np.where(sel, np.where(np.isfinite(err), err / np.maximum(allow, 1e-300), np.inf), -1.0)
+            score = np.where(sel, np.where(np.isfinite(cmp.err), cmp.err / np.maximum(cmp.allow, 1e-300), np.inf), -1.0)
         idx = np.unravel_index(int(np.argmax(score)), sel.shape)
-        e, a = float(err[idx]), float(allow[idx])
-        ulps = e / float(spec.ulp(want[idx], self.case.dtype)) if np.isfinite(e) else None
-        self.finding(
-            category, check, output, count=int(sel.sum()), total=int(sel.size), index=tuple(int(i) for i in idx),
-            got=float(got[idx]), exact=float(want[idx]), allowance=a,
-            ratio=(e / a if a > 0 and np.isfinite(e) else None), ulps=ulps, detail=detail,
-        )
+        e, a, want = float(cmp.err[idx]), float(cmp.allow[idx]), float(cmp.want[idx])
+        finite = np.isfinite(e)
+        self.add(category, check, cmp.name, count=int(sel.sum()), total=int(sel.size),
+                 index=tuple(int(i) for i in idx), got=float(cmp.got[idx]), exact=want, allowance=a,
+                 ratio=e / a if a > 0 and finite else None,
+                 ulps=e / float(spec.ulp(want, self.case.dtype)) if finite and want != 0 else None,
+                 scale=float(scale[idx]), u=self.allow.u, plain=self._plain_at(cmp.name, idx, a, category),
+                 detail=detail)
 
-    def call(self, check: str, fn, timeout: float):
-        """Run a target call; a raise or hang becomes a finding and returns None."""
-        try:
-            return call_with_timeout(fn, timeout)
-        except TargetTimeout as exc:
-            self.finding("timeout", check, detail=str(exc))
-        except Unsupported as exc:  # the target (or its adapter) declines the case: not a defect
-            self.declined = str(exc)
-        except Exception as exc:  # noqa: BLE001 - a target's exception is a finding
-            tb = getattr(exc, "attnverify_tb", "").strip().splitlines()
-            where = f" ({tb[-3].strip()})" if len(tb) >= 3 else ""
-            self.finding("crash", check, detail=f"{type(exc).__name__}: {str(exc)[:300]}{where}")
-        return None
+    def _plain_at(self, name: str, idx: tuple, allowance: float, category: str) -> str:
+        """How a plain same-precision implementation does at element ``idx`` of output ``name``."""
+        if self._plain is None:
+            c, case = self.info.contract, self.case
+            kw = dict(case.semantics(), masked_rows=self.info.masked_rows, dtype=case.dtype,
+                      accumulate=c.accumulate, round_logits=c.round_logits, round_probs=c.round_probs)
+            with np.errstate(all="ignore"):
+                if self.truth.grads is not None and case.g is not None:
+                    r = naive.attention_vjp(case.q, case.k, case.v, case.g, **kw)
+                    self._plain = {n: getattr(r, n) for n in ("out", "dq", "dk", "dv", "dbias")
+                                   if getattr(r, n) is not None}
+                else:
+                    self._plain = {"out": naive.attention(case.q, case.k, case.v, **kw).out}
+        if name not in self._plain:
+            return ""
+        c = self.info.contract
+        who = (f"a plain {self.case.dtype} implementation (accumulate {c.accumulate}, logits "
+               f"{'rounded' if c.round_logits else 'not rounded'}, probabilities "
+               f"{'rounded' if c.round_probs else 'not rounded'})")
+        got = float(self._plain[name][idx])
+        want = float(self.truth.grads[name][idx] if name != "out" else self.truth.out[idx])
+        if not np.isfinite(got):
+            return f"{who} is non-finite there too ({got}): a limit of that precision contract, not only of this kernel"
+        if category in ("overflow", "nan"):
+            return f"{who} stays finite there ({got:.6g}): a defect of this kernel"
+        ratio = abs(got - want) / allowance if allowance > 0 else float("inf")
+        return f"{who} errs by {ratio:.3g} × allowance there"
 
 
-def run_case(adapter: Adapter, case: Case, *, checks: tuple[str, ...] = CHECKS, policy: str = "bound",
+def _masked_rows(case: Case, masked_rows: str) -> np.ndarray:
+    """bool [B, Lq, Hq, 1]: rows with no visible key (the masked-row policy governs them)."""
+    att = spec.normalize(case.q, case.k, case.v, masked_rows=masked_rows, **case.semantics())
+    return np.swapaxes(att.masked_row, 1, 2)[..., None]
+
+
+def passes_for(info: TargetInfo, case: Case, checks: tuple[str, ...]) -> tuple[str, ...]:
+    """The target passes ``checks`` need for ``case``: forward, and grad when declared and a cotangent exists."""
+    return tuple(p for p in checks if p == "forward" or ("grad" in info.features and case.g is not None))
+
+
+def run_case(target: Adapter | InProcess, case: Case, *, checks: tuple[str, ...] = CHECKS, policy: str = "bound",
              timeout: float = DEFAULT_TIMEOUT) -> Outcome:
-    """Run ``adapter`` on ``case`` and return every finding with the worst error per output."""
+    """Run ``target`` (an adapter, or an executor of ``verify.execution``) on ``case`` and check every pass."""
     if policy not in tolerance.POLICIES:
         raise ValueError(f"unknown tolerance policy {policy!r}; known: {', '.join(tolerance.POLICIES)}")
-    info = adapter.info
-    adapter.kwargs(case)  # Unsupported here is a harness error: the case should not exist
-    grad = "grad" in checks and "grad" in info.features and case.g is not None
+    unknown = [c for c in checks if c not in CHECKS]
+    if unknown:
+        raise ValueError(f"unknown checks {unknown}; known: {', '.join(CHECKS)}")
+    executor = InProcess(target) if isinstance(target, Adapter) else target
+    info = executor.info
+    passes = passes_for(info, case, checks)
     t0 = time.perf_counter()
-    truth = exact(case, info.masked_rows, grad)
-    if policy == "naive":
-        allow = tolerance.flash_rule(case, info.contract, truth.out, truth.grads or {}, truth.p, info.masked_rows)
-    else:
-        allow = tolerance.bound(case, info.contract, truth.p, info.masked_rows)
+    truth = reference.exact(case, info.masked_rows, "grad" in passes)
+    allow = tolerance.allowance(case, info.contract, truth, info.masked_rows, policy)
     t1 = time.perf_counter()
-    cmp = _Comparer(adapter, case)
-    att = spec.normalize(case.q, case.k, case.v, masked_rows=info.masked_rows, **case.semantics())
-    row_masked = np.swapaxes(att.masked_row, 1, 2)[..., None]  # [B, Lq, Hq, 1]
-    if "forward" in checks:
-        out = cmp.call("forward", lambda: adapter.forward(case), timeout)
-        if out is not None and cmp.structure("forward", "out", out, truth.out.shape):
-            cmp.compare("forward", "out", out, truth.out, allow.out, row_masked)
-    t2 = time.perf_counter()
-    if grad and cmp.declined is None:
-        got = cmp.call("grad", lambda: adapter.vjp(case), timeout)
-        if got is not None:
-            for name, want in truth.grads.items():
-                if name not in got:
-                    cmp.finding("shape", "grad", name, detail=f"the VJP returned no {name}")
-                    continue
-                if cmp.structure("grad", name, got[name], want.shape):
-                    masked = row_masked if name == "dq" else None
-                    cmp.compare("grad", name, got[name], want, allow.grads[name], masked)
-    t3 = time.perf_counter()
-    findings = [] if cmp.declined else cmp.findings
-    return Outcome(findings, cmp.ratios, {"oracle": t1 - t0, "target": (t2 - t1) + (t3 - t2)}, cmp.declined)
+    calls = executor.run(case, passes, timeout)
+    out = judge(info, case, truth, allow, calls)
+    out.seconds = {"reference": t1 - t0, "target": calls.seconds}
+    return out
+
+
+def judge(info: TargetInfo, case: Case, truth: reference.Exact, allow: tolerance.Allowance, calls: Calls) -> Outcome:
+    """Findings and worst ratios of one case's ``calls`` against ``truth`` under ``allow``."""
+    fs = _Findings(info, case, truth, allow)
+    ratios: dict[str, float | None] = {}
+    masked = _masked_rows(case, info.masked_rows)
+    for name, failure in calls.failures.items():
+        if failure.kind in ("raised", "crash"):
+            fs.add("crash", name, detail=failure.describe())
+        elif failure.kind == "timeout":
+            fs.add("timeout", name, detail=failure.describe())
+    arrays = []
+    if calls.out is not None and fs.structure("forward", "out", calls.out, truth.out.shape):
+        arrays.append(("forward", "out", calls.out, truth.out, allow.out, allow.scale_out, masked))
+    if calls.grads is not None:
+        for name, want in truth.grads.items():
+            got = calls.grads.get(name)
+            if got is None:
+                fs.add("shape", "grad", name, detail=f"the VJP returned no {name}")
+            elif fs.structure("grad", name, got, want.shape):
+                arrays.append(("grad", name, got, want, allow.grads[name], allow.grad_scales[name],
+                               masked if name == "dq" else None))
+    for check, name, got, want, allowed, scale, rows in arrays:
+        cmp = compare(name, got, want, allowed, case.dtype, rows)
+        ratios[name] = cmp.worst_ratio
+        fs.values(check, cmp, scale)
+    return Outcome(fs.found, ratios, declined=calls.declined, reference=truth.reference,
+                   unconstrained_rows=allow.unconstrained_rows)

@@ -2,15 +2,21 @@
 
 A finding is plain data (JSON-serialisable) with one message modelled on
 ``torch.testing.assert_close`` and Hypothesis's falsifying examples: what failed, how many
-elements, the worst one (got, exact, difference), how badly in multiples of the allowance and in
-ulps of the dtype, and the command that replays it.
+elements, the worst one (got, exact, difference in ulps of the dtype), how badly in multiples of
+the allowance (and the allowance in units of ``u·A``), whether a plain same-precision
+implementation fails the same way there, which reference decided, and the command that replays it.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
-CATEGORIES = ("forward", "grad", "overflow", "underflow", "masked-row", "shape", "dtype", "crash", "timeout")
+CATEGORIES = ("forward", "grad", "overflow", "nan", "underflow", "masked-row", "shape", "dtype", "crash",
+              "timeout")
+NONFINITE = ("overflow", "nan")  # a non-finite result where the exact value is finite
+_WHAT = {"overflow": "±inf where the exact value is finite", "nan": "NaN where the exact value is finite",
+         "underflow": "returned as 0 or subnormal beyond the allowance", "masked-row": "break the masked-row policy"}
 
 
 @dataclass
@@ -32,16 +38,24 @@ class Finding:
     exact: float | None = None
     allowance: float | None = None
     ratio: float | None = None  # |got - exact| / allowance
-    ulps: float | None = None  # |got - exact| in ulps of the dtype at the exact value
+    ulps: float | None = None  # |got - exact| in ulps of the dtype at the exact value (None where exact is 0)
+    scale: float | None = None  # A: the absolute-value scale of the worst element
+    u: float | None = None  # unit roundoff of the dtype
+    plain: str = ""  # how a plain same-precision implementation does at the worst element
+    reference: str = ""  # which reference decided the exact values
     detail: str = ""
     case_file: str | None = None
     dims: dict = field(default_factory=dict)
     chunks: tuple[int | None, int | None] = (None, None)
 
+    def __post_init__(self) -> None:
+        if self.category not in CATEGORIES:
+            raise ValueError(f"unknown finding category {self.category!r}; known: {', '.join(CATEGORIES)}")
+
     @property
-    def key(self) -> tuple[str, str]:
-        """Findings with the same key are the same bug for reporting: category × dtype."""
-        return (self.category, self.dtype)
+    def key(self) -> tuple[str, str, str]:
+        """Findings with the same key are the same bug for merging and reporting: category × dtype × output."""
+        return (self.category, self.dtype, self.output)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -49,28 +63,44 @@ class Finding:
         d["chunks"] = list(self.chunks)
         return d
 
+    @classmethod
+    def from_json(cls, d: dict) -> Finding:
+        d = dict(d)
+        d["index"] = tuple(d["index"]) if d.get("index") is not None else None
+        d["chunks"] = tuple(d.get("chunks") or (None, None))
+        return cls(**d)
+
     def message(self) -> str:
         """The multi-line report a reader of a failed CI log needs."""
         head = f"FAIL {self.category} · {self.target} · {self.dtype} · family={self.family} · mask={self.mask_kind}"
         lines = [head, f"  {self.describe}"]
         if self.got is not None and self.exact is not None and self.index is not None:
             where = f"{self.output}[{','.join(str(i) for i in self.index)}]"
-            delta = self.got - self.exact if _finite(self.got) and _finite(self.exact) else float("nan")
-            what = "non-finite where the exact value is finite" if self.category == "overflow" else "beyond allowance"
-            lines.append(
-                f"  {self.count} of {self.total} {self.output} elements {what}; worst {where}: "
-                f"got {self.got:.6g}, exact {self.exact:.6g} (Δ {delta:+.4g})"
-            )
+            what = _WHAT.get(self.category, "beyond the allowance")
+            delta = f"Δ {self.got - self.exact:+.4g}" if _finite(self.got) and _finite(self.exact) else ""
+            if delta and self.ulps is not None:
+                delta += f", {self.ulps:.3g} ulp"
+            lines.append(f"  {self.count} of {self.total} {self.output} elements {what}; worst {where}: "
+                         f"got {self.got:.6g}, exact {self.exact:.6g}" + (f" ({delta})" if delta else ""))
             if self.ratio is not None and self.allowance is not None:
-                ulps = f", {self.ulps:.3g} ulp" if self.ulps is not None else ""
-                lines.append(f"  = {self.ratio:.3g} × allowance (allowance {self.allowance:.3g}{ulps})")
+                lines.append(f"  = {self.ratio:.3g} × allowance (allowance {self.allowance:.3g}{self._in_ua()})")
         elif self.count:
             lines.append(f"  {self.count} of {self.total} {self.output} elements")
+        if self.plain:
+            lines.append(f"  {self.plain}")
         if self.detail:
             lines.append(f"  {self.detail}")
+        if self.reference:
+            lines.append(f"  exact values: {self.reference}")
         if self.case_file:
             lines.append(f"  replay: attnverify repro {self.case_file}")
         return "\n".join(lines)
+
+    def _in_ua(self) -> str:
+        if not self.scale or not self.u or not self.allowance:
+            return ""
+        return f" = {self.allowance / (self.u * self.scale):.3g}·u·A with u = 2^{round(math.log2(self.u))}, " \
+               f"A = {self.scale:.3g}"
 
 
 def _finite(x: float) -> bool:

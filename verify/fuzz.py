@@ -2,18 +2,36 @@
 
 How distinct bugs are found rather than only the first one: a search fails on any finding whose
 category has not been found yet for that dtype; Hypothesis shrinks it to a minimal case, the
-finding is saved, its category joins the found set, and the search starts again until nothing
-new turns up or the budget is spent. So every category × dtype gets its own minimal reproducer.
+finding is saved, its category joins the found set, and the search starts again (with a new
+seed) until nothing new turns up or the dtype's share of the run is spent. So every category x
+dtype gets its own minimal reproducer, each in its own case file.
 
-Persistence: Hypothesis's example database lives in a directory (``--database``), keyed by
-target, dtype and the categories found before, so the next campaign replays earlier failures
-first. A finding is written (case file + JSON) the moment it is first seen and rewritten when
-shrinking improves it; Ctrl-C ends the campaign with everything found so far written out.
+What bounds a campaign, per dtype: ``max_examples`` target runs, shrinking included (a run is one
+case through every check); ``budget`` seconds split evenly over the dtypes up front (a dtype that
+finishes early leaves its time to the next); a budget without ``max_examples`` runs until the
+budget. ``Campaign.coverage`` records, per dtype, what stopped it; a dtype that ran no example at
+all makes the campaign *incomplete* (the command line exits 3).
+
+Reproducible: a seed draws the same cases whichever entry point starts the campaign (command
+line, pytest plugin, ``run``) and whatever was imported before (``compat.fixed_generation_constants``);
+each dtype and each restart gets its own seed (``seed_for``). Persistence: Hypothesis's example
+database (``--database``) is keyed by target, dtype, checks and the categories found before, so
+the next campaign replays earlier failures first. Interrupted (Ctrl-C or SIGTERM), a campaign
+writes its JSON whole with ``interrupted: true`` and every finding so far, shrunk or not.
+
+Hangs: after a target's first timeout, later calls get a shorter limit, ten times the slowest
+completed call's time per unit of work scaled to the case (at least 2 s, at most ``timeout``), so
+shrinking a hang and the rest of the campaign do not wait the full limit on every example.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -22,17 +40,34 @@ from pathlib import Path
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.database import DirectoryBasedExampleDatabase
 
-from verify import strategies
-from verify.case import Case
-from verify.checks import CHECKS, DEFAULT_TIMEOUT, run_case
+from verify import compat, strategies
+from verify.case import Case, case_files
+from verify.checks import CHECKS, DEFAULT_TIMEOUT, Outcome, passes_for, run_case
+from verify.execution import InProcess
 from verify.findings import Finding
-from verify.targets.base import Adapter
+from verify.stats import Stats
+from verify.targets.base import DEFAULT_DTYPES, Adapter
+from verify.targets.loader import TargetSpec
 
 DEFAULT_DATABASE = Path(".attnverify/hypothesis")
+DEFAULT_MAX_EXAMPLES = 200  # per dtype, when neither max_examples nor a budget is given
+SHORT_TIMEOUT_MIN = 2.0
 
 
-class _BudgetSpent(KeyboardInterrupt):
-    """Stops a Hypothesis run at once without saving or shrinking (it is a KeyboardInterrupt)."""
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM: the campaign stops, writes everything, and re-raises."""
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _Stop(KeyboardInterrupt):
+    """Ends a dtype's search at once (its budget or example cap is spent); not an interruption."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
 
 
 class _NewFinding(Exception):
@@ -41,15 +76,15 @@ class _NewFinding(Exception):
 
 @dataclass
 class Settings:
-    """What a campaign runs: dtypes, checks, size, seed and where it keeps things."""
+    """What a campaign runs: dtypes, checks, size, seed and where it keeps things (the one source of defaults)."""
 
-    dtypes: tuple[str, ...] = ("bf16", "fp16", "fp32")
+    dtypes: tuple[str, ...] = DEFAULT_DTYPES
     checks: tuple[str, ...] = CHECKS
-    max_examples: int = 200  # per dtype
-    budget: float | None = None  # seconds for the whole campaign
+    max_examples: int | None = None  # per dtype, shrinking included; None: DEFAULT_MAX_EXAMPLES, or the budget
+    budget: float | None = None  # seconds for the whole campaign, split over the dtypes
     seed: int | None = 0  # None: random; an int: reproducible
     policy: str = "bound"
-    timeout: float = DEFAULT_TIMEOUT
+    timeout: float = DEFAULT_TIMEOUT  # seconds per target call
     database: Path | None = DEFAULT_DATABASE
     repro_dir: Path = Path("findings")
     max_len: int = 65
@@ -58,150 +93,283 @@ class Settings:
     compact: bool | None = None  # shape buckets (strategies.COMPACT_SHAPES); None: for JAX targets only
     mask_kinds: tuple[str, ...] = strategies.MASK_KINDS
 
+    def examples_cap(self) -> int | None:
+        """Target runs per dtype (None: until the budget)."""
+        if self.max_examples is not None:
+            return self.max_examples
+        return None if self.budget is not None else DEFAULT_MAX_EXAMPLES
+
 
 @dataclass
 class Campaign:
-    """A campaign's results: examples per dtype, findings, worst ratios and where time went."""
+    """A campaign's results: examples per dtype, findings, worst ratios, coverage and where time went."""
 
     target: str
     settings: dict
+    checks: list[str]
     unexercised: list[str]
     examples: dict[str, int] = field(default_factory=dict)
     findings: list[Finding] = field(default_factory=list)
-    worst_ratio: dict[str, dict[str, float]] = field(default_factory=dict)
-    seconds: dict[str, float] = field(default_factory=lambda: {"oracle": 0.0, "target": 0.0, "total": 0.0})
+    worst_ratio: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=lambda: {"reference": 0.0, "target": 0.0, "total": 0.0})
+    coverage: dict[str, str] = field(default_factory=dict)  # dtype -> what ended its search
     interrupted: bool = False
     provisional: list[Finding] = field(default_factory=list)  # seen, not yet shrunk
     declined: dict[str, dict[str, int]] = field(default_factory=dict)  # dtype -> reason -> cases
+    unconstrained_rows: int = 0
+    references: dict[str, int] = field(default_factory=dict)  # which reference decided, cases
+    stats: Stats = field(default_factory=Stats)
+    case_sequence: str = ""  # a digest chained over every case run, in order: equal runs drew equal cases
+
+    @property
+    def incomplete(self) -> list[str]:
+        """Dtypes that were to run but ran no example."""
+        return [d for d, n in self.examples.items() if n == 0]
 
     def to_json(self) -> dict:
         return {
             "target": self.target,
             "settings": self.settings,
+            "checks": self.checks,
             "unexercised_features": self.unexercised,
             "examples": self.examples,
+            "coverage": self.coverage,
+            "incomplete": self.incomplete,
             "seconds": self.seconds,
             "worst_ratio": self.worst_ratio,
             "interrupted": self.interrupted,
             "declined": self.declined,
+            "unconstrained_rows": self.unconstrained_rows,
+            "references": self.references,
+            "stats": self.stats.to_json(),
+            "case_sequence": self.case_sequence,
             "findings": [f.to_json() for f in self.findings],
             "unshrunk_findings": [f.to_json() for f in self.provisional],
         }
 
 
-def _slug(f: Finding) -> str:
-    return f"{f.target.replace(':', '_').replace('/', '_')}-{f.category}-{f.output}-{f.dtype}"
+def seed_for(seed: int, dtype: str, restart: int) -> int:
+    """The Hypothesis seed of one dtype's ``restart``-th search: different per dtype, same on every entry point."""
+    return int(hashlib.sha256(f"{seed}/{dtype}/{restart}".encode()).hexdigest()[:8], 16)
 
 
-def _save(adapter: Adapter, case: Case, findings: list[Finding], repro_dir: Path, sett: Settings) -> None:
-    """Write the case file of each finding (all of one case share a file) and set ``case_file``."""
-    meta = dict(case.meta, target=adapter.info.name, framework=adapter.info.framework,
-                features=sorted(adapter.info.features), masked_rows=adapter.info.masked_rows,
-                dtypes=list(adapter.info.dtypes), contract=asdict(adapter.info.contract),
-                checks=list(sett.checks), policy=sett.policy)
-    path = case.with_(meta=meta).save(repro_dir / _slug(findings[0]))
+def slug(f: Finding, case: Case) -> str:
+    """A case file stem unique per finding and safe for any target name (dots, colons, slashes, length)."""
+    name = re.sub(r"[^A-Za-z0-9_-]+", "_", f.target).strip("_") or "target"
+    if len(name) > 48:
+        name = name[:40] + "-" + hashlib.sha256(f.target.encode()).hexdigest()[:7]
+    return f"{name}-{f.category}-{f.output}-{f.dtype}-{case.digest()[:8]}"
+
+
+def save_findings(executor: InProcess, case: Case, findings: list[Finding], sett: Settings) -> None:
+    """Write one case file per finding (its own stem) into ``sett.repro_dir`` and set ``case_file``.
+
+    The file pins the target's resolved declarations (features, policy, contract), so a replay judges
+    the case exactly as the campaign did.
+    """
+    target = TargetSpec.for_info(executor.info)
     for f in findings:
-        f.case_file = str(path)
+        meta = dict(case.meta, target=target.to_meta(), checks=list(sett.checks), policy=sett.policy,
+                    finding={"category": f.category, "output": f.output, "check": f.check})
+        f.case_file = str(case.with_(meta=meta).save(sett.repro_dir / slug(f, case)))
 
 
-def run(adapter: Adapter, sett: Settings, on_finding: Callable[[Finding], None] | None = None,
-        json_path: Path | None = None) -> Campaign:
-    """Fuzz ``adapter`` under ``sett``; findings are saved as they come and the campaign returned."""
-    info = adapter.info
+def _remove(case_file: str | None) -> None:
+    if case_file:
+        for path in case_files(case_file):
+            path.unlink(missing_ok=True)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Atomically: an interrupted write never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+class _Limits:
+    """The time limit of each call: the full timeout until the first timeout, then one scaled to the case."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.rate = 0.0  # slowest completed call, seconds per unit of work
+        self.short = False
+
+    @staticmethod
+    def work(case: Case) -> float:
+        d = case.dims
+        return float(d["B"] * d["Hq"] * d["Lq"] * d["Lk"] * (d["Dk"] + d["Dv"]) + 1)
+
+    def limit(self, case: Case) -> float:
+        if not self.short:
+            return self.timeout
+        return min(self.timeout, max(SHORT_TIMEOUT_MIN, 10 * self.rate * self.work(case)))
+
+    def record(self, case: Case, out: Outcome) -> None:
+        if any(f.category == "timeout" for f in out.findings):
+            self.short = True
+        elif out.seconds.get("target"):
+            self.rate = max(self.rate, out.seconds["target"] / self.work(case))
+
+
+def _sigterm(signum: int, _frame: object) -> None:
+    raise Interrupted(signum)
+
+
+def run(target: Adapter | InProcess, sett: Settings, on_finding: Callable[[Finding], None] | None = None,
+        json_path: Path | None = None, on_progress: Callable[[Campaign, str], None] | None = None) -> Campaign:
+    """Fuzz ``target`` under ``sett``; findings are saved as they come and the campaign returned.
+
+    ``target`` is an adapter (run in this process) or an executor of ``verify.execution``.
+    ``on_progress(campaign, dtype)`` is called after every example.
+    """
+    executor = InProcess(target) if isinstance(target, Adapter) else target
+    info = executor.info
+    checks = [c for c in sett.checks if c == "forward" or "grad" in info.features]
     camp = Campaign(info.name, {k: str(v) if isinstance(v, Path) else v for k, v in asdict(sett).items()},
-                    info.unexercised())
+                    checks, info.unexercised())
     db = DirectoryBasedExampleDatabase(str(sett.database)) if sett.database else None
     start = time.monotonic()
+    dtypes = [d for d in sett.dtypes if d in info.dtypes]
 
     def flush() -> None:
         camp.seconds["total"] = time.monotonic() - start
         if json_path:
-            json_path.parent.mkdir(parents=True, exist_ok=True)
-            json_path.write_text(json.dumps(camp.to_json(), indent=2) + "\n")
+            _write_json(json_path, camp.to_json())
 
+    previous = signal.signal(signal.SIGTERM, _sigterm) if _main_thread() else None
     try:
-        for dtype in sett.dtypes:
-            if dtype not in info.dtypes:
-                continue
-            camp.examples[dtype] = 0
-            camp.worst_ratio[dtype] = {}
-            _fuzz_dtype(adapter, sett, dtype, camp, db, start, on_finding, flush)
-            if sett.max_findings is not None and len(camp.findings) >= sett.max_findings:
-                break
-    except KeyboardInterrupt as exc:
-        camp.interrupted = not isinstance(exc, _BudgetSpent)
-        if camp.interrupted:
-            flush()
-            raise
+        with compat.fixed_generation_constants():
+            for i, dtype in enumerate(dtypes):
+                camp.examples[dtype] = 0
+                camp.worst_ratio[dtype] = {}
+                deadline = None
+                if sett.budget is not None:  # this dtype's share of what is left
+                    deadline = time.monotonic() + (sett.budget - (time.monotonic() - start)) / (len(dtypes) - i)
+                camp.coverage[dtype] = _Search(executor, sett, dtype, camp, db, deadline, on_finding, on_progress,
+                                               flush).run()
+                flush()
+                if sett.max_findings is not None and len(camp.findings) >= sett.max_findings:
+                    break
+    except KeyboardInterrupt:
+        camp.interrupted = True
+        camp.coverage.update({d: "interrupted" for d in dtypes if d not in camp.coverage})
+        raise
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         flush()
     return camp
 
 
-def _fuzz_dtype(adapter: Adapter, sett: Settings, dtype: str, camp: Campaign, db, start: float,
-                on_finding: Callable[[Finding], None] | None, flush: Callable[[], None]) -> None:
-    info = adapter.info
-    found: set[str] = set()
-    grad = "grad" in sett.checks and "grad" in info.features
-    strategy = strategies.cases(dtypes=(dtype,), features=info.features, grad=grad, max_len=sett.max_len,
-                                families=sett.families, mask_kinds=sett.mask_kinds,
-                                compact=info.framework == "jax" if sett.compact is None else sett.compact)
-    current: dict = {}
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
-    while True:
-        remaining = sett.max_examples - camp.examples[dtype]
-        if remaining <= 0:
-            return
-        current.clear()
+
+class _Search:
+    """One dtype's searches: restart after each new category until nothing new, the cap or the deadline."""
+
+    def __init__(self, executor, sett: Settings, dtype: str, camp: Campaign, db, deadline: float | None,
+                 on_finding, on_progress, flush) -> None:
+        self.executor, self.sett, self.dtype, self.camp, self.db = executor, sett, dtype, camp, db
+        self.deadline, self.on_finding, self.on_progress, self.flush = deadline, on_finding, on_progress, flush
+        self.found: set[str] = set()
+        self.limits = _Limits(sett.timeout)
+        info = executor.info
+        self.strategy = strategies.cases(
+            dtypes=(dtype,), features=info.features, grad="grad" in camp.checks, max_len=sett.max_len,
+            families=sett.families, mask_kinds=sett.mask_kinds,
+            compact=info.framework == "jax" if sett.compact is None else sett.compact)
+
+    def run(self) -> str:
+        """Search until done; returns what ended it (max_examples, budget, exhausted, max_findings)."""
+        cap = self.sett.examples_cap()
+        while True:
+            remaining = None if cap is None else cap - self.camp.examples[self.dtype]
+            if remaining is not None and remaining <= 0:
+                return "max_examples"
+            current: dict = {}
+            try:
+                self._test(current, 10**9 if remaining is None else remaining)()
+                done = cap is not None and self.camp.examples[self.dtype] >= cap
+                return "max_examples" if done else "exhausted"  # exhausted: Hypothesis had nothing left to try
+            except _NewFinding:
+                self._record(current)
+            except _Stop as stop:
+                if current:  # a search stopped while shrinking keeps its best case so far
+                    self._record(current)
+                return stop.why
+            except KeyboardInterrupt:
+                self.camp.provisional = current.get("findings", [])
+                raise
+            if self.sett.max_findings is not None and len(self.camp.findings) >= self.sett.max_findings:
+                return "max_findings"
+
+    def _test(self, current: dict, max_examples: int) -> Callable[[], None]:
+        camp, dtype, cap = self.camp, self.dtype, self.sett.examples_cap()
 
         def prop(case: Case) -> None:
-            if sett.budget is not None and time.monotonic() - start > sett.budget:
-                raise _BudgetSpent()
+            if self.deadline is not None and time.monotonic() > self.deadline:
+                raise _Stop("budget")
+            if cap is not None and camp.examples[dtype] >= cap:
+                raise _Stop("max_examples")
             camp.examples[dtype] += 1
-            out = run_case(adapter, case, checks=sett.checks, policy=sett.policy, timeout=sett.timeout)
-            if out.declined:
-                reasons = camp.declined.setdefault(dtype, {})
-                reasons[out.declined] = reasons.get(out.declined, 0) + 1
-            camp.seconds["oracle"] += out.seconds["oracle"]
-            camp.seconds["target"] += out.seconds["target"]
-            worst = camp.worst_ratio[dtype]
-            for name, r in out.ratios.items():
-                worst[name] = max(worst.get(name, 0.0), r)
-            new = [f for f in out.findings if f.category not in found]
+            out = run_case(self.executor, case, checks=tuple(camp.checks), policy=self.sett.policy,
+                           timeout=self.limits.limit(case))
+            self._account(case, out)
+            new = [f for f in out.findings if f.category not in self.found]
+            if self.on_progress:
+                self.on_progress(camp, dtype)
             if new:
-                if "case" not in current:  # keep the first sighting even if shrinking is interrupted
-                    _save(adapter, case, new, sett.repro_dir, sett)
-                    camp.provisional = new
-                    flush()
+                first = "case" not in current
+                old = current.get("findings", [])
+                save_findings(self.executor, case, new, self.sett)
+                kept = {f.case_file for f in new}
+                for f in old:  # the shrunk case replaces the earlier sighting's file
+                    if f.case_file not in kept:
+                        _remove(f.case_file)
                 current["case"], current["findings"] = case, new
+                camp.provisional = new
+                if first:
+                    self.flush()
                 raise _NewFinding(", ".join(sorted({f.category for f in new})))
 
-        if sett.seed is not None:
-            # What @seed does, minus its switching the database off: seeded runs still replay.
-            prop._hypothesis_internal_use_seed = sett.seed + len(found)
+        if self.sett.seed is not None:
+            compat.seed_test(prop, seed_for(self.sett.seed, dtype, len(self.found)))
         test = settings(
-            max_examples=remaining, database=db, deadline=None, derandomize=False,
+            max_examples=max_examples, database=self.db, deadline=None, derandomize=False,
             suppress_health_check=list(HealthCheck), report_multiple_bugs=False, print_blob=False,
             phases=(Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink),
-        )(given(strategy)(prop))
-        key = f"{info.name}|{dtype}|{','.join(sorted(found))}|{sett.policy}|{','.join(sett.checks)}"
-        test.hypothesis.inner_test._hypothesis_internal_add_digest = key.encode()
-        try:
-            test()
-            return
-        except _NewFinding:
-            pass
-        first_file = camp.provisional[0].case_file if camp.provisional else None
-        camp.provisional = []
-        _save(adapter, current["case"], current["findings"], sett.repro_dir, sett)
-        if first_file and first_file != current["findings"][0].case_file:  # the unshrunk sighting's file
-            for suffix in (".npz", ".json"):
-                Path(first_file).with_suffix(suffix).unlink(missing_ok=True)
+        )(given(self.strategy)(prop))
+        key = f"{camp.target}|{dtype}|{','.join(sorted(self.found))}|{self.sett.policy}|{','.join(camp.checks)}"
+        compat.set_database_key(test, key.encode())
+        return test
+
+    def _account(self, case: Case, out: Outcome) -> None:
+        camp, dtype = self.camp, self.dtype
+        self.limits.record(case, out)
+        if out.declined:
+            reasons = camp.declined.setdefault(dtype, {})
+            reasons[out.declined] = reasons.get(out.declined, 0) + 1
+        for k in ("reference", "target"):
+            camp.seconds[k] += out.seconds.get(k, 0.0)
+        camp.unconstrained_rows += out.unconstrained_rows
+        camp.references[out.reference] = camp.references.get(out.reference, 0) + 1
+        camp.stats.add(case, passes_for(self.executor.info, case, tuple(camp.checks)))
+        camp.case_sequence = hashlib.sha256((camp.case_sequence + case.digest()).encode()).hexdigest()[:16]
+        worst = camp.worst_ratio[dtype]
+        for name, r in out.ratios.items():
+            if r is not None:
+                worst[name] = max(worst.get(name) or 0.0, r)
+            else:
+                worst.setdefault(name, None)
+
+    def _record(self, current: dict) -> None:
+        self.camp.provisional = []
         for f in current["findings"]:
-            camp.findings.append(f)
-            found.add(f.category)
-            if on_finding:
-                on_finding(f)
-        flush()
-        if sett.max_findings is not None and len(camp.findings) >= sett.max_findings:
-            return
+            self.camp.findings.append(f)
+            self.found.add(f.category)
+            if self.on_finding:
+                self.on_finding(f)
+        self.flush()

@@ -51,6 +51,7 @@ import numpy as np
 
 from oracles import naive, spec
 from verify.case import Case
+from verify.reference import Exact
 from verify.targets.base import Contract
 
 SLACK = 2.0
@@ -187,6 +188,16 @@ def bound(case: Case, contract: Contract, p: np.ndarray, masked_rows: str = "zer
         errs["dbias"] = spec.reduce_to_shape(dse, att.bias_shape)
     grads = {name: SLACK * (errs[name] + rho * scales[name] + floor_g) for name in scales}
     return Allowance(out, result.scale_out, grads, scales, unconstrained, u)
+
+
+def allowance(case: Case, contract: Contract, truth: Exact, masked_rows: str = "zeros",
+              policy: str = "bound") -> Allowance:
+    """The allowance of ``case`` under ``policy`` (``"bound"`` or ``"naive"``) from its exact values."""
+    if policy == "naive":
+        return flash_rule(case, contract, truth.out, truth.grads or {}, truth.p, masked_rows)
+    if policy != "bound":
+        raise ValueError(f"unknown tolerance policy {policy!r}; known: {', '.join(POLICIES)}")
+    return bound(case, contract, truth.p, masked_rows)
 
 
 def flash_rule(case: Case, contract: Contract, exact_out: np.ndarray, exact_grads: dict[str, np.ndarray],

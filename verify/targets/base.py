@@ -17,14 +17,19 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from oracles import spec
 from verify.case import Case
 
+if TYPE_CHECKING:
+    from verify.targets.loader import TargetSpec
+
 FEATURES = ("mask", "bias", "causal", "gqa", "chunks", "lse", "grad")
 FRAMEWORKS = ("torch", "jax", "numpy")
+DEFAULT_DTYPES = ("bf16", "fp16", "fp32")  # what a target declares unless it says otherwise; what campaigns run
 
 
 class Unavailable(RuntimeError):
@@ -61,7 +66,7 @@ class TargetInfo:
 
     name: str
     framework: str
-    dtypes: tuple[str, ...] = ("bf16", "fp16", "fp32")
+    dtypes: tuple[str, ...] = DEFAULT_DTYPES
     features: frozenset[str] = frozenset()
     masked_rows: str = "zeros"
     contract: Contract = field(default_factory=Contract)
@@ -90,9 +95,10 @@ class TargetInfo:
 class Adapter:
     """Runs a target on cases; framework subclasses supply the array conversions and autodiff."""
 
-    def __init__(self, fn: Callable, info: TargetInfo) -> None:
+    def __init__(self, fn: Callable, info: TargetInfo, target: TargetSpec | None = None) -> None:
         self.fn = fn
         self.info = info
+        self.target = target  # how to load this target again (worker processes); None: only in this process
 
     def unavailable_reason(self) -> str | None:
         """None when the target can run here, else a sentence saying why not."""

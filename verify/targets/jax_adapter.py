@@ -21,7 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from verify.case import Case
+from verify.compat import jit_cache_size
 from verify.targets.base import Adapter, TargetInfo, Unsupported, split_arrays
+from verify.targets.loader import TargetSpec
 
 try:
     import jax
@@ -48,8 +50,8 @@ MAX_COMPILED = 200
 class JaxAdapter(Adapter):
     """Adapter for targets taking and returning ``jax.Array`` s."""
 
-    def __init__(self, fn: Callable, info: TargetInfo) -> None:
-        super().__init__(fn, info)
+    def __init__(self, fn: Callable, info: TargetInfo, target: TargetSpec | None = None) -> None:
+        super().__init__(fn, info, target)
         self._forward_cache: dict[tuple, Callable] = {}
         self._vjp_cache: dict[tuple, Callable] = {}
 
@@ -82,7 +84,7 @@ class JaxAdapter(Adapter):
 
     def _trim(self) -> None:
         """Drop every compiled program once more than ``MAX_COMPILED`` are alive."""
-        live = sum(f._cache_size() for f in (*self._forward_cache.values(), *self._vjp_cache.values()))
+        live = sum(jit_cache_size(f) for f in (*self._forward_cache.values(), *self._vjp_cache.values()))
         if live > MAX_COMPILED:
             self._forward_cache.clear()
             self._vjp_cache.clear()

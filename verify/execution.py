@@ -1,0 +1,137 @@
+"""Running a target on a case: what it returned, or how it failed, pass by pass.
+
+An executor runs the forward pass (``adapter.forward``) and the gradient pass (``adapter.vjp``) of
+one case under a time limit and reports ``Calls``: arrays, or a ``CallFailure`` per pass
+(``raised``, ``timeout``, ``crash`` of the process running it, ``declined`` when the target raised
+``Unsupported``). Nothing a target does -- raising, hanging, returning garbage -- escapes as an
+exception of the harness.
+
+``InProcess`` runs in this process, each call in a daemon thread joined with a timeout: cheap, but
+a hung call leaves its thread behind and a segfault of the target ends the process. Checks only see
+``Calls``, so every executor is interchangeable.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from verify.case import Case
+from verify.targets.base import Adapter, TargetInfo, Unsupported
+from verify.targets.loader import TargetSpec
+
+PASSES = ("forward", "grad")
+
+
+@dataclass
+class CallFailure:
+    """How one pass failed: ``kind`` raised / timeout / crash / declined, one line of message, where."""
+
+    kind: str
+    message: str
+    where: str = ""  # the target's innermost frame (file:line), when known
+
+    def describe(self) -> str:
+        return self.message + (f" (at {self.where})" if self.where and self.where not in self.message else "")
+
+
+@dataclass
+class Calls:
+    """What the target gave for one case: the output, the gradients, the failures, and the time taken."""
+
+    out: np.ndarray | None = None
+    grads: dict[str, np.ndarray] | None = None
+    failures: dict[str, CallFailure] = field(default_factory=dict)  # by pass
+    seconds: float = 0.0
+
+    @property
+    def declined(self) -> str | None:
+        """Why the target declined the case (``Unsupported``), if it did in any pass."""
+        reasons = [f.message for f in self.failures.values() if f.kind == "declined"]
+        return reasons[0] if reasons else None
+
+
+def failure_of(exc: BaseException) -> CallFailure:
+    """A ``CallFailure`` for an exception raised by a target (``declined`` for ``Unsupported``)."""
+    if isinstance(exc, Unsupported):
+        return CallFailure("declined", str(exc))
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+    text = " ".join(str(exc).split())
+    return CallFailure("raised", f"{type(exc).__name__}: {text[:300]}", where)
+
+
+class TargetTimeout(Exception):
+    """A target call ran past its time limit."""
+
+
+def call_with_timeout(fn: Callable[[], object], timeout: float) -> object:
+    """``fn()`` in a daemon thread; raises what it raised, or ``TargetTimeout`` past ``timeout`` s."""
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - everything a target raises is reported
+            box["error"] = exc
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise TargetTimeout(f"call ran past {timeout:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def run_passes(adapter: Adapter, case: Case, passes: tuple[str, ...],
+               call: Callable[[Callable[[], object]], object]) -> Calls:
+    """Run ``passes`` of ``case`` through ``call`` (which applies the time limit), stopping at a failure."""
+    calls = Calls()
+    t0 = time.perf_counter()
+    for name in passes:
+        fn = (lambda: adapter.forward(case)) if name == "forward" else (lambda: adapter.vjp(case))
+        try:
+            value = call(fn)
+        except TargetTimeout as exc:
+            calls.failures[name] = CallFailure("timeout", str(exc))
+        except Exception as exc:  # noqa: BLE001 - a target's exception is a result, not a harness error
+            calls.failures[name] = failure_of(exc)
+        else:
+            if name == "forward":
+                calls.out = value
+            else:
+                calls.grads = value
+            continue
+        break  # a pass that failed makes the next one meaningless (a crash is reported once per case)
+    calls.seconds = time.perf_counter() - t0
+    return calls
+
+
+class InProcess:
+    """Runs the target in this process (``--in-process``): no isolation, no start-up cost."""
+
+    def __init__(self, adapter: Adapter) -> None:
+        self.adapter = adapter
+
+    @property
+    def info(self) -> TargetInfo:
+        return self.adapter.info
+
+    @property
+    def target(self) -> TargetSpec | None:
+        """How to load the target again (None for an adapter built from a function in this process)."""
+        return self.adapter.target
+
+    def run(self, case: Case, passes: tuple[str, ...], timeout: float) -> Calls:
+        """The target's results for ``passes`` of ``case``, each call limited to ``timeout`` seconds."""
+        return run_passes(self.adapter, case, passes, lambda fn: call_with_timeout(fn, timeout))
+
+    def close(self) -> None:
+        """Nothing to release in-process."""

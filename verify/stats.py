@@ -1,0 +1,95 @@
+"""What a campaign generated: counts per shape, chunk kind, mask kind, family and feature.
+
+A campaign that passes only says something about the cases it ran; ``Stats`` records them so the
+JSON (and ``--stats``) show the distribution: length and head-dim histograms (power-of-two
+buckets), the largest L and Dk reached, chunk kinds relative to the length (default, 1, divisor,
+non-divisor, >= L), mask kinds, value families, the features each example exercised, and the
+passes run. Two campaigns with the same settings have the same statistics.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from verify.case import Case
+
+
+def size_bucket(n: int) -> str:
+    """The power-of-two bucket of a size: "1", "2", "3-4", "5-8", ..., "1025-2048"."""
+    if n <= 2:
+        return str(n)
+    hi = 1 << (n - 1).bit_length()
+    return f"{hi // 2 + 1}-{hi}"
+
+
+def chunk_kind(chunk: int | None, length: int) -> str:
+    """How a chunk size relates to its length: default, 1, divides, not dividing, >= L."""
+    if chunk is None:
+        return "default"
+    if chunk >= length:
+        return ">=L"
+    if chunk == 1:
+        return "1"
+    return "divides" if length % chunk == 0 else "non-divisor"
+
+
+def features_of(case: Case) -> list[str]:
+    """The semantic features a case exercises (what a report can say was tested)."""
+    feats = []
+    if case.mask is not None:
+        feats.append("mask")
+    if case.bias is not None:
+        feats.append("bias")
+    if case.causal:
+        feats.append("causal")
+    if case.dims["Hq"] != case.dims["Hkv"]:
+        feats.append("gqa")
+    if case.dims["Dk"] != case.dims["Dv"]:
+        feats.append("dk!=dv")
+    if case.scale is not None:
+        feats.append("scale")
+    return feats
+
+
+@dataclass
+class Stats:
+    """Counters over the examples of a campaign."""
+
+    examples: int = 0
+    max_len: int = 0
+    max_dim: int = 0
+    counts: dict[str, Counter] = field(default_factory=dict)
+
+    def _count(self, what: str, key: str) -> None:
+        self.counts.setdefault(what, Counter())[key] += 1
+
+    def add(self, case: Case, passes: tuple[str, ...]) -> None:
+        d = case.dims
+        self.examples += 1
+        self.max_len = max(self.max_len, d["Lq"], d["Lk"])
+        self.max_dim = max(self.max_dim, d["Dk"], d["Dv"])
+        self._count("Lq", size_bucket(d["Lq"]))
+        self._count("Lk", size_bucket(d["Lk"]))
+        self._count("Dk", size_bucket(d["Dk"]))
+        self._count("query_chunk", chunk_kind(case.query_chunk_size, d["Lq"]))
+        self._count("key_chunk", chunk_kind(case.key_chunk_size, d["Lk"]))
+        self._count("mask_kind", case.mask_kind)
+        self._count("family", case.family)
+        self._count("dtype", case.dtype)
+        self._count("passes", "+".join(passes) or "none")
+        for feat in features_of(case) or ["none"]:
+            self._count("features", feat)
+
+    def to_json(self) -> dict:
+        return {"examples": self.examples, "max_len": self.max_len, "max_dim": self.max_dim,
+                "counts": {k: dict(sorted(v.items())) for k, v in sorted(self.counts.items())}}
+
+    def lines(self) -> list[str]:
+        """One line per counter, for ``--stats``."""
+        out = [f"examples {self.examples}; largest L {self.max_len}, largest head dim {self.max_dim}"]
+        for what, counter in sorted(self.counts.items()):
+            total = sum(counter.values())
+            parts = ", ".join(f"{k} {100 * n / total:.0f}%" for k, n in sorted(counter.items()))
+            out.append(f"{what}: {parts}")
+        return out

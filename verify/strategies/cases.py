@@ -1,0 +1,140 @@
+"""Whole cases: a shape, chunk sizes, a scale, a value family, a mask kind and a cotangent, for a target.
+
+``cases`` draws every choice with Hypothesis (so each shrinks toward the simplest: short lengths,
+chunk None or 1, the first family and mask kind, ``scale=None``); ``example_case`` samples the
+same menus from a numpy seed; ``make_case`` builds one case of an explicit shape, family, mask kind
+and chunk sizes (accuracy sweeps). All three assemble the case in one function, ``_assemble``,
+which also picks, in one place, the key block that chunk-aligned families and mask kinds align to:
+the case's key chunk, or a block drawn from the chunk menu when the target chooses its own chunks
+(recorded as ``meta["key_block"]``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from hypothesis import strategies as st
+
+from oracles import spec
+from verify.case import Case
+from verify.strategies import masks as mk
+from verify.strategies import values as vl
+from verify.strategies.menus import SEED, Pick, composite, hypothesis_pick, known, numpy_pick, one_of
+from verify.strategies.shapes import Dims, chunk_menu, pick_compact, pick_shape
+from verify.targets.base import DEFAULT_DTYPES, FEATURES
+
+SCALES: tuple[float, ...] = (1.0, 0.125, 0.3)  # explicit scales besides None (= 1/sqrt(Dk))
+
+
+def _key_block(pick: Pick, key_chunk: int | None, lk: int, family: str, kind: str) -> int | None:
+    """The key block a chunk-aligned family or mask kind aligns to: the key chunk, else one drawn."""
+    if family not in vl.NEEDS_KEY_BLOCK and kind not in mk.NEEDS_KEY_BLOCK:
+        return None
+    return key_chunk if key_chunk is not None else pick(one_of(c for c in chunk_menu(lk) if c))
+
+
+def _assemble(pick: Pick, dtype: str, dims: Dims, family: str, kind: str, chunks: tuple[int | None, int | None],
+              scale: float | None, grad: bool, meta: dict) -> Case:
+    key_block = _key_block(pick, chunks[1], dims["Lk"], family, kind)
+    vals = vl.pick_values(pick, family, dtype, dims, scale, key_block)
+    masking = mk.pick_masking(pick, kind, dtype, dims, key_block)
+    g = None
+    if grad:
+        rng = np.random.default_rng(pick(SEED))
+        g = vl.cast(rng.standard_normal((dims["B"], dims["Lq"], dims["Hq"], dims["Dv"])), dtype)
+    meta = {**meta, "family_params": vals.params, "mask_params": masking.params}
+    if key_block is not None and key_block != chunks[1]:
+        meta["key_block"] = key_block
+    return Case(vals.q, vals.k, vals.v, g=g, mask=masking.mask, bias=masking.bias, scale=scale,
+                causal=masking.causal, query_chunk_size=chunks[0], key_chunk_size=chunks[1], family=family,
+                mask_kind=kind, meta=meta)
+
+
+def _options(dtypes: Sequence[str], features: Iterable[str], families: Sequence[str], mask_kinds: Sequence[str],
+             max_len: int, max_heads: int, max_dim: int, grad: bool, compact: bool) -> dict:
+    """Validated options of ``cases``: ``ValueError`` naming the first bad one."""
+    features = frozenset(features)
+    unknown = sorted(set(features) - set(FEATURES))
+    if unknown:
+        raise ValueError(f"unknown features {unknown}; known: {', '.join(FEATURES)}")
+    families = tuple(f for f in known("family", families, vl.FAMILIES) if f != "row-offset" or max_dim >= 2)
+    if not families:
+        raise ValueError("row-offset needs max_dim >= 2")
+    kinds = tuple(m for m in known("mask kind", mask_kinds, mk.MASK_KINDS) if mk.MASK_NEEDS[m] in features | {None})
+    return {"dtypes": tuple(spec.dtype_name(d) for d in dtypes), "features": features, "families": families,
+            "mask_kinds": kinds or ("none",), "max_len": max_len, "max_heads": max_heads, "max_dim": max_dim,
+            "grad": bool(grad and "grad" in features), "compact": compact}
+
+
+def _pick_case(pick: Pick, *, dtypes: tuple[str, ...], features: frozenset[str], families: tuple[str, ...],
+               mask_kinds: tuple[str, ...], max_len: int, max_heads: int, max_dim: int, grad: bool,
+               compact: bool) -> Case:
+    dtype = pick(one_of(dtypes))
+    family = pick(one_of(families))
+    kind = pick(one_of(mask_kinds))
+    limits = {"max_len": max_len, "max_heads": max_heads, "max_dim": max_dim, "gqa": "gqa" in features,
+              "min_dk": 2 if family == "row-offset" else 1}
+    chunked = "chunks" in features
+    if compact:
+        dims, qchunk, kchunk = pick_compact(pick, chunked=chunked, **limits)
+    else:
+        dims = pick_shape(pick, **limits)
+        qchunk = pick(one_of(chunk_menu(dims["Lq"]))) if chunked else None
+        kchunk = pick(one_of(chunk_menu(dims["Lk"]))) if chunked else None
+    scale = pick(one_of(SCALES[:1] if compact else SCALES)) if pick(one_of((None, "explicit"))) else None
+    return _assemble(pick, dtype, dims, family, kind, (qchunk, kchunk), scale, grad, {})
+
+
+def _draw_case(draw, **options) -> Case:
+    return _pick_case(hypothesis_pick(draw), **options)
+
+
+_cases = composite("cases", _draw_case)
+
+
+def cases(
+    *,
+    dtypes: Sequence[str] = DEFAULT_DTYPES,
+    features: Iterable[str] = frozenset(FEATURES),
+    families: Sequence[str] = vl.FAMILIES,
+    mask_kinds: Sequence[str] = mk.MASK_KINDS,
+    max_len: int = 33,
+    max_heads: int = 4,
+    max_dim: int = 16,
+    grad: bool = True,
+    compact: bool = False,
+) -> st.SearchStrategy[Case]:
+    """Cases for a target declaring ``features``: nothing undeclared is generated (no mask without "mask",
+    no bias masks without "bias", Hq == Hkv without "gqa", chunk sizes None without "chunks", g only with
+    ``grad`` and "grad"). ``compact`` draws shapes and chunks from ``COMPACT_SHAPES`` (jitted targets)."""
+    options = _options(dtypes, features, families, mask_kinds, max_len, max_heads, max_dim, grad, compact)
+    _pick_case(numpy_pick(np.random.default_rng(0)), **options)  # bad limits fail now, not mid-campaign
+    return _cases(**options)
+
+
+def example_case(seed: int, dtype: str = "fp32", *, family: str | None = None, mask_kind: str | None = None,
+                 features: Iterable[str] = frozenset(FEATURES), max_len: int = 33, max_heads: int = 4,
+                 max_dim: int = 16, grad: bool = True) -> Case:
+    """A case like ``cases`` would draw, from a numpy seed alone (no Hypothesis): for demos and tests."""
+    options = _options((dtype,), features, (family,) if family else vl.FAMILIES,
+                       (mask_kind,) if mask_kind else mk.MASK_KINDS, max_len, max_heads, max_dim, grad, False)
+    return _pick_case(numpy_pick(np.random.default_rng(seed)), **options)
+
+
+def make_case(seed: int, dtype: str, *, dims: Dims, family: str, mask_kind: str = "none",
+              query_chunk_size: int | None = None, key_chunk_size: int | None = None,
+              features: Iterable[str] = frozenset(FEATURES), grad: bool = True) -> Case:
+    """A deterministic case of an explicit shape, family, mask kind and chunk sizes (numpy only, for sweeps).
+
+    The same ``seed`` gives the same q, k, v, masking and g for any chunk sizes, except where the family or
+    mask kind aligns to the key chunk (``dominant-key``, ``masked-key-chunk``, ``single-key-edge``).
+    ``ValueError`` when the mask kind needs a feature not in ``features``.
+    """
+    features = frozenset(features)
+    family = known("family", (family,), vl.FAMILIES)[0]
+    kind = known("mask kind", (mask_kind,), mk.MASK_KINDS)[0]
+    if mk.MASK_NEEDS[kind] not in features | {None}:
+        raise ValueError(f"mask kind {kind!r} needs feature {mk.MASK_NEEDS[kind]!r}, not in {sorted(features)}")
+    return _assemble(numpy_pick(np.random.default_rng(seed)), spec.dtype_name(dtype), dims, family, kind,
+                     (query_chunk_size, key_chunk_size), None, grad and "grad" in features, {"seed": seed})
