@@ -341,6 +341,13 @@ def _extreme_case(name: str, r) -> tuple:
         q[0, 0] = randn(r, (2, 3), np.float32, 1e-18)  # one row of unsaturated logits
         return q, k, randn(r, (1, 6, 2, 2)), randn(r, (1, 4, 2, 2)), randn(r, (1, 2, 4)), {
             "softcap": 30.0, "sinks": np.array([29.5, -3.0], np.float32), "alibi_slopes": np.array([0.5, 2.0])}
+    if name == "softcap-offset-2^152-fp64":
+        # t = 2^152 + O(1) capped at c = 2^152: the capped logits keep O(1) differences at magnitude 2^152,
+        # so the working precision must follow c (152 bits more than for small logits).
+        q, k = randn(r, (1, 4, 2, 3), np.float64), randn(r, (1, 6, 1, 3), np.float64)
+        q[..., 0], k[..., 0] = 2.0**76, 2.0**76
+        return q, k, randn(r, (1, 6, 1, 2), np.float64), randn(r, (1, 4, 2, 2), np.float64), randn(
+            r, (1, 2, 4), np.float64), {"scale": 1.0, "softcap": 2.0**152, "sinks": np.array([2.0**152, -1.0])}
     if name == "tiny-softcap":
         q, k, v, g = qkvg(r, lq=4, lk=6, hq=2, hkv=2)
         return q, k, v, g, randn(r, (1, 2, 4)), {"softcap": 2.0 ** -20, "bias": randn(r, (2, 4, 6), np.float32,
@@ -368,8 +375,10 @@ def _extreme_case(name: str, r) -> tuple:
     raise KeyError(name)
 
 
-EXTREME = ["softcap-logits-1e30-fp32", "tiny-softcap", "sinks-near-2^100-fp64", "alibi-large-bias-minus-1e300",
-           "fp16-everything"]
+EXTREME = [
+    "softcap-logits-1e30-fp32", "softcap-offset-2^152-fp64", "tiny-softcap", "sinks-near-2^100-fp64",
+    "alibi-large-bias-minus-1e300", "fp16-everything",
+]
 
 
 def _self_agree(q, k, v, g, g_lse, kw, what):
