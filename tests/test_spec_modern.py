@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import ml_dtypes
 import numpy as np
 import pytest
 
-from oracles import spec
+from oracles import mp, naive, spec
 
 B, LQ, LK, HQ, HKV, DK, DV = 2, 3, 5, 4, 2, 3, 2
 
@@ -238,10 +240,42 @@ BAD = [
 
 
 @pytest.mark.parametrize("name", BAD)
-@pytest.mark.parametrize("entry", ["spec"])
+@pytest.mark.parametrize("entry", ["spec", "mp", "mp-vjp", "naive", "naive-vjp"])
 def test_bad_input_names_the_argument(name, entry):
     q, k, v = qkv()
     kw, msg = _bad(name)
-    assert entry == "spec"
+    g = np.ones((B, LQ, HQ, DV), np.float32)
+    call = {
+        "spec": lambda: spec.normalize(q, k, v, **kw),
+        "mp": lambda: mp.attention(q, k, v, **kw),
+        "mp-vjp": lambda: mp.attention_vjp(q, k, v, g, **kw),
+        "naive": lambda: naive.attention(q, k, v, **kw),
+        "naive-vjp": lambda: naive.attention_vjp(q, k, v, g, **kw),
+    }[entry]
     with pytest.raises(ValueError, match=msg):
-        spec.normalize(q, k, v, **kw)
+        call()
+
+
+@pytest.mark.parametrize("entry", [mp.attention_vjp, naive.attention_vjp])
+@pytest.mark.parametrize(
+    "bad,msg",
+    [
+        ((B, LQ, HQ), re.escape("cotangent g_lse [2, 3, 4] must have lse's shape [B, Hq, Lq] = [2, 4, 3]")),
+        ((B, HQ), re.escape("cotangent g_lse [2, 4] must have lse's shape")),
+        ("nan", re.escape("g_lse [2, 4, 3] contains NaN")),
+        ("inf", re.escape("g_lse [2, 4, 3] contains inf")),
+        ("int", "g_lse has unsupported dtype int32"),
+    ],
+)
+def test_bad_lse_cotangent(entry, bad, msg):
+    q, k, v = qkv()
+    g = np.ones((B, LQ, HQ, DV), np.float32)
+    if isinstance(bad, tuple):
+        g_lse = np.ones(bad, np.float32)
+    elif bad == "int":
+        g_lse = np.ones((B, HQ, LQ), np.int32)
+    else:
+        g_lse = np.ones((B, HQ, LQ), np.float32)
+        g_lse[1, 2, 0] = np.nan if bad == "nan" else -np.inf
+    with pytest.raises(ValueError, match=msg):
+        entry(q, k, v, g, g_lse=g_lse)
