@@ -28,13 +28,13 @@ The modern options (``spec``'s module docstring) keep that shape:
   than ``c 2**-wp``: the working precision follows the bound ``c + |bias| + slope * L`` of the capped
   logits, not ``|t|`` (which may be 1e38). The VJP multiplies the logit cotangent by ``sech^2(t / c)``,
   computed as ``1 / cosh^2`` (``1 - tanh^2`` would cancel); a factor below ``2**-(prec + 5300)`` is 0,
-  by the same argument as the weight cut-off below.
+  by the same argument as the weight cut-off above.
 - sinks: the sink logit ``sigma_h`` (exact) takes part in the row max and the row sum and gets its own
   probability ``p_sink``; an empty row with a sink has ``p_sink = 1``, out 0 and lse ``sigma``; a head
   with ``sigma = +inf`` has out 0, lse ``+inf``, ``p_sink = 1``. In the VJP the sink enters the
-  normaliser ``S_i = p_sink,i + sum_k p~_ik`` (below) and ``dsinks_h = sum p~_sink (g_lse - delta)``,
+  normaliser ``S_i = p_sink,i + sum_k p~_ik`` (see ``attention_vjp``) and ``dsinks_h = sum p~_sink (g_lse - delta)``,
   summed exactly and rounded once.
-- ``g_lse``: added exactly to ``dp_ij S_i - delta_i`` (below), so ``ds_ij = p~_ij (dp_ij S_i - delta_i
+- ``g_lse``: added exactly to ``dp_ij S_i - delta_i``, so ``ds_ij = p~_ij (dp_ij S_i - delta_i
   + g_lse_i)``; rows with lse ``-inf`` have no weights and take nothing from it.
 
 ``DEFAULT_PREC = 160`` bits: the float64 results are the correctly rounded exact values unless an

@@ -23,7 +23,8 @@ Layout ``[batch, seq, heads, dim]``::
   its head (and zero gradients but ``dsinks``, whose limit ``sum g_lse`` is kept); a row with no visible
   key but a sink ``> -inf`` gives out 0 and lse ``sigma_h`` and is *not* a masked row;
 - a row with no visible key and no sink (``sinks`` None or ``-inf``) follows the masked-row policy:
-  ``zeros`` (out 0, lse -inf, zero gradients), ``nan`` (out, lse and that row's gradients NaN) or
+  ``zeros`` (out 0, lse -inf, zero gradients), ``nan`` (out, lse and that row's gradients NaN, ``dsinks``
+  of its head included) or
   ``uniform`` (out = mean of all Lk values of the kv head, lse -inf, only ``dv`` receives ``g / Lk``:
   what a ``finfo.min`` fill computes);
 - gradients: for a cotangent ``g`` of out and optionally ``g_lse`` of lse,
@@ -32,8 +33,11 @@ Layout ``[batch, seq, heads, dim]``::
   ``t = scale q.k`` is ``ds * (1 - tanh^2(t / c))``, while ``dbias`` is ``ds`` itself; ALiBi slopes and
   segment ids get no gradient. Rows whose lse is ``-inf`` take nothing from ``g_lse``.
 
-Every input must be a floating array of a supported dtype (bf16 via ml_dtypes, fp16, fp32,
-fp64); such values are exact dyadic rationals, so an oracle can start from exact values.
+Every float input (q, k, v, bias, slopes, sinks, cotangents) must be an array of a supported dtype
+(bf16 via ml_dtypes, fp16, fp32, fp64); such values are exact dyadic rationals, so an oracle can start
+from exact values. Segment ids are integer arrays. ``Attention`` carries everything derived (the
+visible pattern, the offset, the ALiBi term, the sinks as float64, the empty and the masked rows) so
+that no consumer re-derives the semantics.
 Framework-free by design: numpy and ml_dtypes only.
 """
 
