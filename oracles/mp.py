@@ -19,6 +19,24 @@ How it stays exact where it can and accurate where it cannot:
   ``scale * |q or k| * |g| * |v| < 2**4096`` times dimension and length factors).
 - Results are rounded once, correctly (integer true division), to float64.
 
+The modern options (``spec``'s module docstring) keep that shape:
+
+- ALiBi: ``slope * |i + off - j|`` is an exact dyadic (an exact slope times an integer), subtracted
+  from the logit at the working precision; a zero slope is skipped (bitwise equal to no ALiBi).
+- softcap: ``c * tanh(t / c)`` with ``t = scale q.k``, each step at the working precision. Since
+  ``|x sech^2 x| < 1/2``, a relative error ``2**-wp`` in ``t`` or ``t / c`` moves the capped logit by less
+  than ``c 2**-wp``: the working precision follows the bound ``c + |bias| + slope * L`` of the capped
+  logits, not ``|t|`` (which may be 1e38). The VJP multiplies the logit cotangent by ``sech^2(t / c)``,
+  computed as ``1 / cosh^2`` (``1 - tanh^2`` would cancel); a factor below ``2**-(prec + 5300)`` is 0,
+  by the same argument as the weight cut-off above.
+- sinks: the sink logit ``sigma_h`` (exact) takes part in the row max and the row sum and gets its own
+  probability ``p_sink``; an empty row with a sink has ``p_sink = 1``, out 0 and lse ``sigma``; a head
+  with ``sigma = +inf`` has out 0, lse ``+inf``, ``p_sink = 1``. In the VJP the sink enters the
+  normaliser ``S_i = p_sink,i + sum_k p~_ik`` (see ``attention_vjp``) and ``dsinks_h = sum p~_sink (g_lse - delta)``,
+  summed exactly and rounded once.
+- ``g_lse``: added exactly to ``dp_ij S_i - delta_i``, so ``ds_ij = p~_ij (dp_ij S_i - delta_i
+  + g_lse_i)``; rows with lse ``-inf`` have no weights and take nothing from it.
+
 ``DEFAULT_PREC = 160`` bits: the float64 results are the correctly rounded exact values unless an
 element cancels to below ``2**-100`` of its absolute-value scale, and within 1 ulp well beyond that.
 mpmath uses gmpy2 for its integers when gmpy2 is installed (``mpmath.libmp.BACKEND``).
@@ -50,11 +68,12 @@ class Result:
     mp_out: np.ndarray | None = None  # object arrays of mpmath.mpf, when asked for
     mp_lse: np.ndarray | None = None
     p: np.ndarray | None = None  # float64 probabilities [B, Hq, Lq, Lk], when asked for
+    p_sink: np.ndarray | None = None  # float64 sink probabilities [B, Hq, Lq], when asked for with sinks
 
 
 @dataclass(frozen=True)
 class Grads:
-    """VJP oracle values as float64, in the shapes of q, k, v and bias (None without bias)."""
+    """VJP oracle values as float64, in the shapes of q, k, v, bias and sinks (None when not given)."""
 
     dq: np.ndarray
     dk: np.ndarray
@@ -63,6 +82,8 @@ class Grads:
     out: np.ndarray
     lse: np.ndarray
     p: np.ndarray | None = None
+    dsinks: np.ndarray | None = None  # float64 [Hq]
+    p_sink: np.ndarray | None = None
 
 
 def _to_float(n: int, e: int, den: int = 1) -> float:
@@ -154,6 +175,8 @@ class _Block:
     p_exp: np.ndarray  # int per row
     o: np.ndarray  # object ints [Lq, Dv]; row i is out * 2**-(p_exp[i] + v_exp)
     lse: list  # raw mpf per row (fninf for masked rows)
+    p_sink: np.ndarray | None = None  # object ints [Lq] at p_exp: the sink's probability
+    cap_arg: np.ndarray | None = None  # raw mpf [Lq, Lk] (None where invisible): t / c, with softcap
 
 
 class _Problem:
@@ -173,36 +196,71 @@ class _Problem:
             self.scale = libmp.mpf_div(libmp.fone, libmp.mpf_sqrt(libmp.from_int(dk), wp), wp, _RND)
         else:
             self.scale = libmp.from_float(att.scale)
+        self.cap = None if att.softcap is None else libmp.from_float(att.softcap)
+        self.dist = att.distance if att.alibi_slopes is not None else None
+
+    def _inf_sink_block(self, lq: int, lk: int, dv: int) -> _Block:
+        """A head whose sink is +inf: every weight 0, p_sink 1, lse +inf."""
+        zeros = np.zeros((lq, lk), dtype=object)
+        return _Block(zeros, np.zeros(lq, dtype=np.int64), np.zeros((lq, dv), dtype=object), [libmp.finf] * lq,
+                      np.ones(lq, dtype=object))
 
     def block(self, b: int, h: int) -> _Block:
         att, prec = self.att, self.prec
         kvh = int(att.kv_head[h])
-        qk = self.q[b, :, h, :].dot(self.k[b, :, kvh, :].T)
         vis = att.visible[b, h]
         lq, lk = vis.shape
+        sink = None
+        if att.sinks is not None:
+            if att.sinks[h] == np.inf:
+                return self._inf_sink_block(lq, lk, att.v.shape[-1])
+            if att.sinks[h] > -np.inf:
+                sink = libmp.from_float(float(att.sinks[h]))
+        qk = self.q[b, :, h, :].dot(self.k[b, :, kvh, :].T)
         bias = None if self.bias is None else self.bias[b, h]
-        # Working precision: prec bits below the largest logit's magnitude.
-        mag = max((abs(int(x)).bit_length() for x in qk[vis]), default=0) + self.q_exp + self.k_exp
-        mag += max(0, self.scale[2] + self.scale[3]) + 2
+        cap = self.cap
+        slope = None
+        if self.dist is not None and att.alibi_slopes[b, h] != 0:
+            slope = libmp.from_float(float(att.alibi_slopes[b, h]))
+        # Working precision: prec bits below the largest logit's magnitude (capped logits: below c).
+        if cap is None:
+            mag = max((abs(int(x)).bit_length() for x in qk[vis]), default=0) + self.q_exp + self.k_exp
+            mag += max(0, self.scale[2] + self.scale[3]) + 2
+        else:
+            mag = cap[2] + cap[3] + 2
         if bias is not None and vis.any():
             mag = max(mag, int(np.frexp(np.abs(bias[vis]).max())[1]) + 1)
+        if slope is not None and vis.any():
+            amax = abs(float(att.alibi_slopes[b, h])) * float(self.dist[vis].max())
+            if amax > 0:
+                mag = max(mag, int(np.frexp(amax)[1]) + 1) + 1
         wp = prec + 32 + max(0, mag)
         cut = libmp.from_float(-(prec + _CUT_BITS) * _LN2)
         qk_exp = self.q_exp + self.k_exp
         p = np.zeros((lq, lk), dtype=object)
         p_exp = np.zeros(lq, dtype=np.int64)
+        p_sink = None if sink is None else np.zeros(lq, dtype=object)
+        cap_arg = None if cap is None else np.full((lq, lk), None, dtype=object)
         lse = []
         for i in range(lq):
             cols = np.flatnonzero(vis[i])
-            if cols.size == 0:
+            if cols.size == 0 and sink is None:
                 lse.append(libmp.fninf)
                 continue
             s = []
             for j in cols:
                 x = libmp.mpf_mul(self.scale, libmp.from_man_exp(int(qk[i, j]), qk_exp), wp, _RND)
+                if cap is not None:
+                    a = libmp.mpf_div(x, cap, wp, _RND)
+                    cap_arg[i, j] = a
+                    x = libmp.mpf_mul(libmp.mpf_tanh(a, wp, _RND), cap, wp, _RND)
                 if bias is not None:
                     x = libmp.mpf_add(x, libmp.from_float(float(bias[i, j])), wp, _RND)
+                if slope is not None:
+                    x = libmp.mpf_sub(x, libmp.mpf_mul(slope, libmp.from_int(int(self.dist[i, j]))), wp, _RND)
                 s.append(x)
+            if sink is not None:
+                s.append(sink)  # the sink is one more logit of the row, with no value
             m = _mpf_max(s)
             e = []
             for x in s:
@@ -213,10 +271,13 @@ class _Problem:
             pairs = [_mpf_int_exp(libmp.mpf_div(x, total, prec, _RND)) for x in e]
             base = min(ex for n, ex in pairs if n)
             p_exp[i] = base
+            if sink is not None:
+                n, ex = pairs.pop()
+                p_sink[i] = n << (ex - base) if n else 0
             for j, (n, ex) in zip(cols, pairs, strict=True):
                 p[i, j] = n << (ex - base) if n else 0
         o = p.dot(self.v[b, :, kvh, :])
-        return _Block(p, p_exp, o, lse)
+        return _Block(p, p_exp, o, lse, p_sink, cap_arg)
 
 
 def _mpf_max(xs: list) -> tuple:
@@ -231,6 +292,7 @@ def _forward(pb: _Problem, want_mp: bool, want_p: bool = False) -> tuple[Result,
     att = pb.att
     d = att.dims
     p = np.zeros((d["B"], d["Hq"], d["Lq"], d["Lk"])) if want_p else None
+    p_sink = np.zeros((d["B"], d["Hq"], d["Lq"])) if want_p and att.sinks is not None else None
     out = np.zeros((d["B"], d["Lq"], d["Hq"], d["Dv"]))
     lse = np.full((d["B"], d["Hq"], d["Lq"]), -np.inf)
     mp_out = np.zeros(out.shape, dtype=object) if want_mp else None
@@ -243,6 +305,8 @@ def _forward(pb: _Problem, want_mp: bool, want_p: bool = False) -> tuple[Result,
             blocks[b, h] = blk
             if want_p:
                 p[b, h] = _floats(blk.p, blk.p_exp[:, None])
+                if p_sink is not None and blk.p_sink is not None:
+                    p_sink[b, h] = _floats(blk.p_sink, blk.p_exp)
             exps = blk.p_exp + pb.v_exp
             out[b, :, h, :] = _floats(blk.o, exps[:, None])
             lse[b, h] = [_mpf_float(x) for x in blk.lse]
@@ -261,7 +325,7 @@ def _forward(pb: _Problem, want_mp: bool, want_p: bool = False) -> tuple[Result,
                     mp_out[b, rows, h, :] = _masked_rows_mp(pb, b, h, att.masked_rows)
                     if att.masked_rows == "nan":
                         mp_lse[b, h, rows] = mpmath.mp.make_mpf(libmp.fnan)
-    return Result(out, lse, mp_out, mp_lse, p), blocks
+    return Result(out, lse, mp_out, mp_lse, p, p_sink), blocks
 
 
 def _masked_rows_out(pb: _Problem, b: int, h: int, policy: str) -> np.ndarray | float:
@@ -298,17 +362,53 @@ def attention(
     scale: float | None = None,
     causal: bool = False,
     masked_rows: str = "zeros",
+    align: str = "top-left",
+    window: tuple[int | None, int | None] | None = None,
+    softcap: float | None = None,
+    alibi_slopes: np.ndarray | None = None,
+    sinks: np.ndarray | None = None,
+    q_segment_ids: np.ndarray | None = None,
+    kv_segment_ids: np.ndarray | None = None,
     prec: int = DEFAULT_PREC,
     mp_values: bool = False,
     probs: bool = False,
 ) -> Result:
-    """Exact attention output and lse, rounded once to float64.
+    """Exact attention output and lse, rounded once to float64 (semantics: ``oracles.spec``).
 
-    ``mp_values`` adds the outputs and lse as mpf; ``probs`` adds the probabilities (float64),
-    which the tolerance model needs for its absolute-value scales.
+    ``mp_values`` adds the outputs and lse as mpf; ``probs`` adds the probabilities (float64, and the
+    sink's with ``sinks``), which the tolerance model needs for its absolute-value scales.
     """
-    att = spec.normalize(q, k, v, mask=mask, bias=bias, scale=scale, causal=causal, masked_rows=masked_rows)
+    att = spec.normalize(
+        q, k, v, mask=mask, bias=bias, scale=scale, causal=causal, masked_rows=masked_rows, align=align,
+        window=window, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, q_segment_ids=q_segment_ids,
+        kv_segment_ids=kv_segment_ids,
+    )
     return _forward(_Problem(att, prec), mp_values, probs)[0]
+
+
+def _sech2_rows(ds: np.ndarray, row_exp: np.ndarray, cap_arg: np.ndarray, prec: int) -> tuple[np.ndarray, np.ndarray]:
+    """``ds * sech^2(cap_arg)`` as exact integers per row: each factor to ``prec + 20`` bits, 0 past the cut."""
+    lq, lk = ds.shape
+    wp = prec + 20
+    far = libmp.from_float((prec + _CUT_BITS) * _LN2 / 2 + 1)
+    out = np.zeros((lq, lk), dtype=object)
+    out_exp = np.array(row_exp, dtype=np.int64)
+    for i in range(lq):
+        terms = []
+        for j in range(lk):
+            a = cap_arg[i, j]
+            if a is None or ds[i, j] == 0 or libmp.mpf_gt(libmp.mpf_abs(a), far):
+                continue
+            co = libmp.mpf_cosh(a, wp, _RND)
+            n, e = _mpf_int_exp(libmp.mpf_div(libmp.fone, libmp.mpf_mul(co, co, wp, _RND), wp, _RND))
+            terms.append((j, int(ds[i, j]) * n, e))
+        if not terms:
+            continue
+        base = min(e for _, _, e in terms)
+        for j, n, e in terms:
+            out[i, j] = n << (e - base)
+        out_exp[i] += base
+    return out, out_exp
 
 
 def attention_vjp(
@@ -317,20 +417,34 @@ def attention_vjp(
     v: np.ndarray,
     g: np.ndarray,
     *,
+    g_lse: np.ndarray | None = None,
     mask: np.ndarray | None = None,
     bias: np.ndarray | None = None,
     scale: float | None = None,
     causal: bool = False,
     masked_rows: str = "zeros",
+    align: str = "top-left",
+    window: tuple[int | None, int | None] | None = None,
+    softcap: float | None = None,
+    alibi_slopes: np.ndarray | None = None,
+    sinks: np.ndarray | None = None,
+    q_segment_ids: np.ndarray | None = None,
+    kv_segment_ids: np.ndarray | None = None,
     prec: int = DEFAULT_PREC,
     probs: bool = False,
 ) -> Grads:
-    """Exact ``dq, dk, dv, dbias`` for the cotangent ``g`` of ``out`` (and the forward values)."""
-    att = spec.normalize(q, k, v, mask=mask, bias=bias, scale=scale, causal=causal, masked_rows=masked_rows)
+    """Exact ``dq, dk, dv, dbias, dsinks`` for the cotangents ``g`` of ``out`` and ``g_lse`` of ``lse``."""
+    att = spec.normalize(
+        q, k, v, mask=mask, bias=bias, scale=scale, causal=causal, masked_rows=masked_rows, align=align,
+        window=window, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, q_segment_ids=q_segment_ids,
+        kv_segment_ids=kv_segment_ids,
+    )
     g = spec.check_cotangent(att, g)
+    g_lse = spec.check_lse_cotangent(att, g_lse)
     pb = _Problem(att, prec)
     fwd, blocks = _forward(pb, False, probs)
     gi, g_exp = _dyadic(g)
+    gl, gl_exp = (None, 0) if g_lse is None else _dyadic(g_lse)
     d = att.dims
     uniform = att.masked_rows == "uniform"
     dq = np.zeros(att.q.shape)
@@ -338,6 +452,7 @@ def attention_vjp(
     dv = _Exact(att.v.shape, den=d["Lk"] if uniform else 1)
     bias4 = None if att.bias_shape is None else (1,) * (4 - len(att.bias_shape)) + tuple(att.bias_shape)
     dbias = None if bias4 is None else _Exact(bias4)
+    dsinks = None if att.sinks is None else _Exact((d["Hq"],))
     masked = att.masked_row
     nan_kv, nan_bias = [], []
     wp = pb.prec + 20
@@ -352,22 +467,43 @@ def attention_vjp(
         # ds_ij = p_ij (dp_ij - delta_i) assumes sum_k p_ik = 1; the rounded p~ sum to
         # S_i = 1 + O(2**-prec), so use dp_ij S_i - delta_i = sum_k p~_ik (dp_ij - dp_ik): then
         # sum_j ds_ij = 0 exactly, and ds cancels no more than the exact formula does (a dominant
-        # key's ds = p_0 sum_k p_k (dp_0 - dp_k) keeps its relative accuracy).
+        # key's ds = p_0 sum_k p_k (dp_0 - dp_k) keeps its relative accuracy). A sink is one more
+        # weight of S_i with dp = 0 (its ds is -p~_sink delta_i), so sum_j ds_ij + ds_sink = 0.
         psum = blk.p.sum(axis=1)  # S_i at exponent p_exp[i]
+        if blk.p_sink is not None:
+            psum = psum + blk.p_sink
         diff = dp * psum[:, None] - delta[:, None]
-        ds = blk.p * diff  # row i at exponent 2 p_exp[i] + g_exp + v_exp
-        ds_al, ds_exp = _align_rows(ds, 2 * blk.p_exp)
-        ds_exp += g_exp + pb.v_exp
-        # dq_i = scale * ds_i . K (row exponents differ: convert row by row).
-        dq_int = ds.dot(pb.k[b, :, kvh, :])
+        row_exp = blk.p_exp + g_exp + pb.v_exp  # of diff's row i and of delta_i
+        minus_delta = -delta
+        if gl is not None:
+            # + g_lse_i, brought to a common exponent with row i of diff.
+            g_row = gl[b, h]
+            low = np.minimum(row_exp, gl_exp)
+            f_diff = np.array([1 << int(x) for x in row_exp - low], dtype=object)
+            f_gl = np.array([1 << int(x) for x in gl_exp - low], dtype=object)
+            diff = diff * f_diff[:, None] + (g_row * f_gl)[:, None]
+            minus_delta = minus_delta * f_diff + g_row * f_gl
+            row_exp = low
+        ds = blk.p * diff
+        ds_exp = blk.p_exp + row_exp  # row exponents of ds
+        if dsinks is not None and blk.p_sink is not None:
+            col, col_exp = _align_rows((blk.p_sink * minus_delta)[:, None], ds_exp)
+            dsinks.add((h,), col.sum(), col_exp)
+        # The cotangent of t = scale q.k: ds itself, or ds sech^2(t / c) with softcap.
+        dt, dt_exp = ds, ds_exp
+        if blk.cap_arg is not None:
+            dt, dt_exp = _sech2_rows(ds, ds_exp, blk.cap_arg, pb.prec)
+        dt_al, dt_al_exp = _align_rows(dt, dt_exp)
+        # dq_i = scale * dt_i . K (row exponents differ: convert row by row).
+        dq_int = dt.dot(pb.k[b, :, kvh, :])
         for i in range(d["Lq"]):
-            e_i = int(2 * blk.p_exp[i]) + g_exp + pb.v_exp + pb.k_exp
+            e_i = int(dt_exp[i]) + pb.k_exp
             dq[b, i, h, :] = [
                 _mpf_float(libmp.mpf_mul(pb.scale, libmp.from_man_exp(int(x), e_i), wp, _RND))
                 for x in dq_int[i]
             ]
-        # dk_j = scale * sum_i ds_ij q_i: scale applied at the end.
-        dk.add((b, slice(None), kvh, slice(None)), ds_al.T.dot(pb.q[b, :, h, :]), ds_exp + pb.q_exp)
+        # dk_j = scale * sum_i dt_ij q_i: scale applied at the end.
+        dk.add((b, slice(None), kvh, slice(None)), dt_al.T.dot(pb.q[b, :, h, :]), dt_al_exp + pb.q_exp)
         p_al, p_exp = _align_rows(blk.p, blk.p_exp)
         dv.add((b, slice(None), kvh, slice(None)), p_al.T.dot(g_bh), p_exp + g_exp)
         rows = np.flatnonzero(masked[b, h])
@@ -379,8 +515,9 @@ def attention_vjp(
             nan_kv.append((b, kvh))
             nan_bias.append((b, h, rows))
         if dbias is not None:
+            ds_al, ds_al_exp = (dt_al, dt_al_exp) if dt is ds else _align_rows(ds, ds_exp)
             idx = (0 if bias4[0] == 1 else b, 0 if bias4[1] == 1 else h)
-            dbias.add(idx, spec.reduce_to_shape(ds_al, bias4[2:]), ds_exp)
+            dbias.add(idx, spec.reduce_to_shape(ds_al, bias4[2:]), ds_al_exp)
     dk_f = dk.floats()
     if dk.e is not None:
         for idx in np.ndindex(*dk.n.shape):
@@ -388,6 +525,7 @@ def attention_vjp(
             dk_f[idx] = _mpf_float(libmp.mpf_mul(pb.scale, x, wp, _RND))
     dv_f = dv.floats()
     dbias_f = None if dbias is None else dbias.floats()
+    dsinks_f = None if dsinks is None else dsinks.floats()
     for b, kvh in nan_kv:
         dk_f[b, :, kvh, :] = np.nan
         dv_f[b, :, kvh, :] = np.nan
@@ -395,6 +533,8 @@ def attention_vjp(
         if dbias_f is not None:
             rr = rows if bias4[2] > 1 else 0
             dbias_f[0 if bias4[0] == 1 else b, 0 if bias4[1] == 1 else h, rr, :] = np.nan
+        if dsinks_f is not None:
+            dsinks_f[h] = np.nan
     if dbias_f is not None:
         dbias_f = dbias_f.reshape(att.bias_shape)
-    return Grads(dq, dk_f, dv_f, dbias_f, fwd.out, fwd.lse, fwd.p)
+    return Grads(dq, dk_f, dv_f, dbias_f, fwd.out, fwd.lse, fwd.p, dsinks_f, fwd.p_sink)
