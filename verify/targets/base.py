@@ -27,7 +27,8 @@ from verify.case import Case
 if TYPE_CHECKING:
     from verify.targets.loader import TargetSpec
 
-FEATURES = ("mask", "bias", "causal", "gqa", "chunks", "lse", "grad")
+FEATURES = ("mask", "bias", "causal", "gqa", "chunks", "lse", "grad",
+            "bottom-right", "window", "softcap", "alibi", "sinks", "segments")
 FRAMEWORKS = ("torch", "jax", "numpy")
 DEFAULT_DTYPES = ("bf16", "fp16", "fp32")  # what a target declares unless it says otherwise; what campaigns run
 
