@@ -20,15 +20,19 @@ def _meta(fn, features=("mask", "bias", "causal", "gqa", "grad")):
     return fn
 
 
-def _same_dtype(q, k, v, **kw):
-    return naive.attention(q, k, v, dtype=q.dtype, **kw).out.astype(q.dtype)
+def _same_dtype(q, k, v, *, return_lse=False, **kw):
+    r = naive.attention(q, k, v, dtype=q.dtype, **kw)
+    out = r.out.astype(q.dtype)
+    return (out, r.lse.astype(np.float64 if q.dtype == np.float64 else np.float32)) if return_lse else out
 
 
-def _same_dtype_vjp(q, k, v, g, *, bias=None, **kw):
-    r = naive.attention_vjp(q, k, v, g, bias=bias, dtype=q.dtype, **kw)
+def _same_dtype_vjp(q, k, v, g, *, bias=None, sinks=None, **kw):
+    r = naive.attention_vjp(q, k, v, g, bias=bias, sinks=sinks, dtype=q.dtype, **kw)
     grads = {"dq": r.dq.astype(q.dtype), "dk": r.dk.astype(q.dtype), "dv": r.dv.astype(q.dtype)}
     if bias is not None:
         grads["dbias"] = r.dbias.astype(bias.dtype)
+    if sinks is not None:
+        grads["dsinks"] = r.dsinks.astype(sinks.dtype)
     return grads
 
 
@@ -39,6 +43,16 @@ def reference(q, k, v, **kw):
 
 reference.vjp = _same_dtype_vjp
 _meta(reference)
+
+
+def modern_reference(q, k, v, **kw):
+    """The same plain implementation with every modern option and lse declared."""
+    return _same_dtype(q, k, v, **kw)
+
+
+modern_reference.vjp = _same_dtype_vjp
+_meta(modern_reference, ("mask", "bias", "causal", "gqa", "grad", "lse", "bottom-right", "window", "softcap",
+                         "alibi", "sinks", "segments"))
 
 
 def crashes(q, k, v, **kw):

@@ -16,6 +16,9 @@ from verify.case import Case
 from verify.targets.base import FEATURES
 
 FAST = settings(max_examples=25, deadline=None, derandomize=True)
+# The features of 2022's semantics: the family and mask-kind properties below hold without windows,
+# segments, softcap, ALiBi or sinks changing which keys are visible or how large the logits are.
+BASE = frozenset({"mask", "bias", "causal", "gqa", "chunks", "grad"})
 
 
 def logits(case: Case) -> np.ndarray:
@@ -79,7 +82,7 @@ def test_each_family_gives_valid_cases(family: str) -> None:
 @pytest.mark.parametrize("kind", vs.MASK_KINDS)
 def test_each_mask_kind_gives_valid_cases(kind: str) -> None:
     @FAST
-    @given(vs.cases(mask_kinds=(kind,)))
+    @given(vs.cases(mask_kinds=(kind,), features=BASE))
     def check(case: Case) -> None:
         att = assert_valid(case)
         assert case.mask_kind == kind
@@ -93,7 +96,7 @@ def test_each_mask_kind_gives_valid_cases(kind: str) -> None:
         if kind == "key-padding":
             assert case.mask.shape == (d["B"], 1, 1, d["Lk"]) and case.mask[..., 0].all()
         elif kind == "masked-rows":
-            assert att.masked_row.any()
+            assert att.empty_row.any()
         elif kind == "masked-key-chunk" and d["Lk"] > 1:
             start, stop = case.meta["mask_params"]["masked_keys"]
             assert stop > start and not att.visible[..., start:stop].any() and att.visible.any(-1).all()
@@ -147,17 +150,25 @@ def test_only_declared_features_are_generated(data: st.DataObject) -> None:
     assert case.dims["Hq"] == case.dims["Hkv"] or "gqa" in features
     assert (case.query_chunk_size, case.key_chunk_size) == (None, None) or "chunks" in features
     assert (case.g is not None) == ("grad" in features)
+    assert case.align == "top-left" or "bottom-right" in features
+    assert case.window is None or "window" in features
+    assert case.softcap is None or "softcap" in features
+    assert case.alibi_slopes is None or "alibi" in features
+    assert case.sinks is None or "sinks" in features
+    assert case.q_segment_ids is None or "segments" in features
+    assert (case.g_lse is not None) == ({"grad", "lse"} <= features)
+    assert case.layout == "contiguous"
 
 
 @FAST
-@given(vs.cases(families=("large-logits",), mask_kinds=("none",)))
+@given(vs.cases(families=("large-logits",), mask_kinds=("none",), features=BASE))
 def test_large_logits_reach_log_max(case: Case) -> None:
     log_max = np.log(float(ml_dtypes.finfo(case.q.dtype).max))
     assert np.abs(logits(case)).max() >= 0.8 * log_max
 
 
 @FAST
-@given(vs.cases(dtypes=("fp32",), families=("row-offset",), mask_kinds=("none",)))
+@given(vs.cases(dtypes=("fp32",), families=("row-offset",), mask_kinds=("none",), features=BASE))
 def test_row_offset_moves_whole_rows(case: Case) -> None:
     s = logits(case)
     assert ((s.min(-1) >= 100) | (s.max(-1) <= -100)).all()
@@ -168,11 +179,11 @@ def test_row_offset_reaches_a_row_offset_above_100() -> None:
         att = spec.normalize(case.q, case.k, case.v, **case.semantics())
         return bool((np.where(att.visible, logits(case), np.inf).min(-1) >= 100).any())
 
-    find(vs.cases(dtypes=("fp32",), families=("row-offset",)), has_high_row, settings=FAST)
+    find(vs.cases(dtypes=("fp32",), families=("row-offset",), features=BASE), has_high_row, settings=FAST)
 
 
 @FAST
-@given(vs.cases(families=("dominant-key",), mask_kinds=("none",)))
+@given(vs.cases(families=("dominant-key",), mask_kinds=("none",), features=BASE))
 def test_dominant_key_is_at_a_chunk_boundary(case: Case) -> None:
     block = case.key_chunk_size or case.meta["key_block"]
     top = logits(case).argmax(-1)
@@ -197,7 +208,7 @@ def test_tiny_values_reach_subnormals() -> None:
 
 
 @FAST
-@given(vs.cases(families=("big-values",)))
+@given(vs.cases(families=("big-values",), features=BASE))
 def test_big_values_are_big_but_summable_in_fp32(case: Case) -> None:
     v = np.abs(case.v.astype(np.float64))
     assert v.max() >= (16000 if case.dtype == "fp16" else 1e35)
@@ -236,3 +247,70 @@ def test_bad_options_fail_at_construction() -> None:
         vs.cases(features={"masks"})
     with pytest.raises(ValueError, match="family"):
         vs.cases(families=("gaussian",))
+
+
+def test_every_modern_option_and_its_menu_is_reached() -> None:
+    seen: dict[str, set] = {k: set() for k in ("align", "left", "right", "softcap", "alibi", "sinks", "segments")}
+
+    @settings(max_examples=500, deadline=None, derandomize=True)
+    @given(vs.cases(max_len=9))
+    def collect(case: Case) -> None:
+        assert_valid(case)
+        params = case.meta.get("option_params", {})
+        seen["align"].add(case.align)
+        lk = case.dims["Lk"]
+        if case.window is not None:
+            for side, w in zip(("left", "right"), case.window, strict=True):
+                seen[side].add("None" if w is None else "L-1" if w == lk - 1 and w > 1 else ">=L" if w >= lk
+                               else str(w) if w <= 1 else "drawn")
+        seen["softcap"].add(case.softcap)
+        for what in ("alibi", "sinks", "segments"):
+            seen[what].add(params.get(what))
+        if case.sinks is not None:
+            assert case.sinks.dtype == case.q.dtype and case.sinks.shape == (case.dims["Hq"],)
+        if case.alibi_slopes is not None:
+            assert case.alibi_slopes.dtype == np.float32
+        if case.q_segment_ids is not None:
+            assert case.q_segment_ids.dtype == np.int32 and case.q_segment_ids.shape == (case.dims["B"],
+                                                                                         case.dims["Lq"])
+
+    collect()
+    assert seen["align"] == {"top-left", "bottom-right"}
+    assert {"None", "0", "1", ">=L"} <= seen["left"] and {"None", "0", "1", ">=L"} <= seen["right"]
+    assert seen["softcap"] == {None, 1.0, 5.0, 20.0, 50.0, 1e4}
+    assert seen["alibi"] == {None, "rand", "geometric"}
+    assert seen["sinks"] == {None, "mild", "dominant", "negligible", "spread"}
+    assert seen["segments"] == {None, "blocks", "one-per-token", "chunk-edge", "missing"}
+
+
+@pytest.mark.parametrize("constraints", [("dk=dv",), ("lq=lk",), ("len%4", "dim%2"), ("default-scale",)])
+def test_constraints_are_respected(constraints: tuple[str, ...]) -> None:
+    @FAST
+    @given(vs.cases(constraints=constraints))
+    def check(case: Case) -> None:
+        d = case.dims
+        assert "dk=dv" not in constraints or d["Dk"] == d["Dv"]
+        assert "lq=lk" not in constraints or d["Lq"] == d["Lk"]
+        assert "len%4" not in constraints or d["Lq"] % 4 == d["Lk"] % 4 == 0
+        assert "dim%2" not in constraints or d["Dk"] % 2 == d["Dv"] % 2 == 0
+        assert "default-scale" not in constraints or case.scale is None
+
+    check()
+    with pytest.raises(ValueError, match="no shape fits"):
+        vs.cases(constraints=("len%128",), max_len=65)
+    with pytest.raises(ValueError, match="unknown constraint 'dk==dv'"):
+        vs.cases(constraints=("dk==dv",))
+
+
+def test_layouts_are_drawn_where_they_apply() -> None:
+    seen = set()
+
+    @settings(max_examples=200, deadline=None, derandomize=True)
+    @given(vs.cases(layouts=("contiguous", "transposed", "sliced", "broadcast-kv", "strided-g")))
+    def collect(case: Case) -> None:
+        seen.add(case.layout)
+        if case.layout == "broadcast-kv":
+            assert case.dims["Hkv"] == 1 < case.dims["Hq"]
+
+    collect()
+    assert seen == {"contiguous", "transposed", "sliced", "broadcast-kv", "strided-g"}

@@ -60,7 +60,7 @@ def check(adapter: object, case: Case, out_c: float, grad_c: float | None = GRAD
     u = spec.unit_roundoff(case.dtype)
     exact = mp.attention_vjp(case.q, case.k, case.v, case.g, masked_rows=masked_rows, **sem)
     scale_a = mp.attention(case.q, case.k, np.abs(case.v), masked_rows=masked_rows, **sem).out
-    out = adapter.forward(case)
+    out = adapter.forward(case).out
     assert out.dtype == case.q.dtype, f"output dtype {out.dtype} != input dtype {case.q.dtype}"
     assert out.shape == exact.out.shape
     err = np.abs(out.astype(np.float64) - exact.out)
@@ -167,7 +167,7 @@ def assert_zero_rows(adapter: object, case: Case) -> None:
     rows = spec.normalize(case.q, case.k, case.v, **case.semantics()).masked_row  # [B, Hq, Lq]
     assert rows.any()
     b, h, i = np.nonzero(rows)
-    assert (adapter.forward(case)[b, i, h] == 0).all()
+    assert (adapter.forward(case).out[b, i, h] == 0).all()
     assert (adapter.vjp(case)["dq"][b, i, h] == 0).all()
 
 
@@ -203,7 +203,7 @@ def _double_counted(case: Case) -> np.ndarray:
 def test_paper_double_counts_keys_of_a_non_dividing_chunk(rng: np.random.Generator) -> None:
     adapter = load("paper-jax")
     case = make_case(rng, lq=8, lk=10, query_chunk_size=4, key_chunk_size=4)  # starts 0, 4, 6: keys 6, 7 twice
-    out = adapter.forward(case).astype(np.float64)
+    out = adapter.forward(case).out.astype(np.float64)
     predicted = _double_counted(case)
     scale_a = mp.attention(case.q, case.k, np.abs(case.v)).out
     assert (np.abs(out - predicted) <= SMOKE_C * spec.unit_roundoff("fp32") * scale_a).all()
@@ -244,7 +244,7 @@ def test_mea_nan_for_a_minus_inf_key_chunk(rng: np.random.Generator) -> None:
     """mea-jax 0.1.3: a key chunk whose logits are all -inf (bias) turns its whole row NaN."""
     bias = np.zeros((1, 1, 8, 8), np.float32)
     bias[..., 4:] = -np.inf
-    out = load("mea-jax").forward(make_case(rng, bias=bias, key_chunk_size=4))
+    out = load("mea-jax").forward(make_case(rng, bias=bias, key_chunk_size=4)).out
     assert np.isnan(out).all()
 
 
@@ -254,7 +254,7 @@ def test_mea_nan_for_a_minus_inf_key_chunk(rng: np.random.Generator) -> None:
 def test_adapter_keeps_dtypes_and_reuses_compiled_functions(rng: np.random.Generator) -> None:
     adapter = load("chunked-jax")
     case = make_case(rng, dtype="bf16", lq=4, lk=4, query_chunk_size=2)
-    assert adapter.forward(case).dtype == np.dtype(ml_dtypes.bfloat16)
+    assert adapter.forward(case).out.dtype == np.dtype(ml_dtypes.bfloat16)
     adapter.forward(make_case(rng, dtype="bf16", lq=4, lk=4, query_chunk_size=2))
     assert len(adapter._forward_cache) == 1
     grads = adapter.vjp(case.with_(bias=np.zeros((1, 1, 1, 4), np.float32)))

@@ -163,7 +163,7 @@ def check_target(adapter, case: Case, ref: dict, grads: bool = True) -> None:
     u_acc = spec.unit_roundoff("fp64" if case.dtype == "fp64" else "fp32")
     d = case.dims
     label = f"{adapter.info.name} {case.dtype} {case.describe()}"
-    out = adapter.forward(case)
+    out = adapter.forward(case).out
     assert spec.dtype_name(out.dtype) == case.dtype, f"{label}: output dtype {out.dtype}"
     allow = (C_OUT * u + u_acc * (d["Lk"] + 2 * d["Dk"] * ref["S"])) * ref["A"]
     _assert_within(f"{label}: out", out, ref["out"], allow)
@@ -258,7 +258,7 @@ def test_chunked_torch_masked_rows_are_exactly_zero_with_zero_grads():
     att = spec.normalize(case.q, case.k, case.v, **case.semantics())
     rows = np.swapaxes(att.masked_row, 1, 2)  # [B, Lq, Hq]
     assert rows.sum() >= 3
-    out = adapter.forward(case).astype(np.float32)
+    out = adapter.forward(case).out.astype(np.float32)
     assert (out[rows] == 0).all()
     dq = adapter.vjp(case)["dq"].astype(np.float32)
     assert (dq[rows] == 0).all() and np.isfinite(dq).all()
@@ -290,7 +290,7 @@ def test_torch_sdpa_masked_rows_zeros_with_zero_grads(how: str, dtype: str):
     else:
         case = case.with_(bias=np.where(visible, 0.0, -np.inf).astype(np.float32))
     adapter = load("torch-sdpa")
-    out = adapter.forward(case).astype(np.float32)
+    out = adapter.forward(case).out.astype(np.float32)
     assert (out[0, 2, 1] == 0).all() and np.isfinite(out).all()
     grads = adapter.vjp(case)
     for name, g in grads.items():
@@ -329,9 +329,10 @@ def test_mea_torch_fp64_masked_key_chunk_gives_nan():
     mask = np.ones((1, 1, 8, 8), dtype=bool)
     mask[..., :4] = False  # first key chunk masked in every row; rows stay visible
     case = _case(60, np.float64, lq=8, lk=8, mask=mask, query_chunk_size=4, key_chunk_size=4)
-    out = load("mea-torch").forward(case)
+    out = load("mea-torch").forward(case).out
     assert np.isnan(out).all()
-    fp32 = load("mea-torch").forward(_case(60, np.float32, lq=8, lk=8, mask=mask, query_chunk_size=4, key_chunk_size=4))
+    fp32 = load("mea-torch").forward(_case(60, np.float32, lq=8, lk=8, mask=mask, query_chunk_size=4,
+                                           key_chunk_size=4)).out
     assert np.isfinite(fp32).all()
 
 
@@ -339,17 +340,17 @@ def test_mea_torch_neg_inf_bias_key_chunk_gives_nan():
     bias = np.zeros((1, 1, 8, 8), dtype=np.float32)
     bias[..., 4:] = -np.inf
     case = _case(61, np.float32, lq=8, lk=8, bias=bias, query_chunk_size=4, key_chunk_size=4)
-    assert np.isnan(load("mea-torch").forward(case)).all()
-    assert np.isfinite(load("chunked-torch").forward(case)).all()
+    assert np.isnan(load("mea-torch").forward(case).out).all()
+    assert np.isfinite(load("chunked-torch").forward(case).out).all()
 
 
 def test_mea_torch_non_divisor_chunks_are_wrong():
     adapter = load("mea-torch")
     case = feature_case("chunks")  # Lq=12, Lk=16
-    out = adapter.forward(case.with_(query_chunk_size=5, key_chunk_size=8))
+    out = adapter.forward(case.with_(query_chunk_size=5, key_chunk_size=8)).out
     assert out.shape[1] == 15  # ceil(12 / 5) * 5 rows: the clamped last chunk repeats rows 7..11
     ref = oracle(("feature", "chunks"), case)
-    out = adapter.forward(case.with_(query_chunk_size=4, key_chunk_size=6)).astype(np.float64)
+    out = adapter.forward(case.with_(query_chunk_size=4, key_chunk_size=6)).out.astype(np.float64)
     # keys 10 and 11 are counted twice: the last key chunk is clamped to 10..15
     assert np.abs(out - ref["out"]).max() > 0.01 * ref["A"].max()
 
@@ -359,7 +360,7 @@ def test_mea_torch_rejects_other_scales():
     with pytest.raises(Unsupported, match="1/sqrt"):
         load("mea-torch").forward(case)
     ok = feature_case("plain").with_(scale=1 / math.sqrt(8))
-    assert load("mea-torch").forward(ok).shape == ok.q.shape
+    assert load("mea-torch").forward(ok).out.shape == ok.q.shape
 
 
 # ---------------------------------------------------------------- the adapters
@@ -380,7 +381,7 @@ def test_round_trip_is_exact_for_every_bit_pattern(dtype):
 def test_output_and_gradient_dtypes_are_preserved(dtype: str):
     adapter = load("chunked-torch")
     case = _case(70, DTYPES[dtype], lq=4, lk=5, bias=np.zeros((4, 5), dtype=np.float32))
-    assert spec.dtype_name(adapter.forward(case).dtype) == dtype
+    assert spec.dtype_name(adapter.forward(case).out.dtype) == dtype
     grads = adapter.vjp(case)
     assert {n: spec.dtype_name(g.dtype) for n, g in grads.items()} == {
         "dq": dtype,
@@ -453,7 +454,7 @@ def test_numpy_adapter_forward_and_vjp_attribute():
     ref = oracle(("feature", "plain"), case)
     fn = functools.partial(_numpy_attention)
     adapter = NumpyAdapter(fn, info)
-    out = adapter.forward(case)
+    out = adapter.forward(case).out
     assert out.dtype == np.float32
     _assert_within("numpy out", out, ref["out"], (C_OUT * 2.0**-24 + 2.0**-40) * ref["A"])
     with pytest.raises(Unsupported, match="vjp"):

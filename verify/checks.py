@@ -112,9 +112,10 @@ class _Findings:
         self.found.append(f)
         return f
 
-    def structure(self, check: str, output: str, got: object, want_shape: tuple) -> bool:
+    def structure(self, check: str, output: str, got: object, want_shape: tuple, dtype: str | None = None) -> bool:
         """Shape and dtype findings; False when values cannot be compared."""
         want = list(want_shape)
+        dtype = dtype or self.case.dtype
         if not isinstance(got, np.ndarray) or got.shape != tuple(want_shape):
             shape = list(got.shape) if hasattr(got, "shape") else type(got).__name__
             self.add("shape", check, output, detail=f"{output} has shape {shape}, expected {want}")
@@ -123,9 +124,27 @@ class _Findings:
             name = spec.dtype_name(got.dtype)
         except ValueError:
             name = str(got.dtype)
-        if name != self.case.dtype:
-            self.add("dtype", check, output, detail=f"{output} has dtype {name}, expected {self.case.dtype}")
+        if name != dtype:
+            self.add("dtype", check, output, detail=f"{output} has dtype {name}, expected {dtype}")
         return True
+
+    def empty_rows(self, got: np.ndarray, want: np.ndarray, att: spec.Attention) -> None:
+        """lse of rows with no visible key (the declared convention) and of +inf-sink rows (+inf)."""
+        policy = self.info.masked_rows
+        convention = self.info.empty_lse or {"zeros": "-inf", "nan": "nan", "uniform": "any"}[policy]
+        expected = {"-inf": -np.inf, "+inf": np.inf, "nan": np.nan}.get(convention)
+        got = got.astype(np.float64)
+        bad = np.zeros(got.shape, bool)
+        if expected is not None:
+            ok = np.isnan(got) if convention == "nan" else got == expected
+            bad |= att.masked_row & ~ok
+        bad |= att.infinite_sink_row & (got != np.inf)
+        if bad.any():
+            idx = np.unravel_index(int(np.argmax(bad)), bad.shape)
+            self.add("masked-row", "forward", "lse", count=int(bad.sum()), total=int(bad.size),
+                     index=tuple(int(i) for i in idx), got=float(got[idx]), exact=float(want[idx]),
+                     detail=f"lse of a row with no visible key must be {convention} (declared policy {policy!r}); "
+                            "a +inf sink's rows must be +inf")
 
     def values(self, check: str, cmp: Comparison, scale: np.ndarray) -> None:
         """masked-row, overflow / nan, underflow and value findings of one compared array."""
@@ -164,11 +183,11 @@ class _Findings:
                       accumulate=c.accumulate, round_logits=c.round_logits, round_probs=c.round_probs)
             with np.errstate(all="ignore"):
                 if self.truth.grads is not None and case.g is not None:
-                    r = naive.attention_vjp(case.q, case.k, case.v, case.g, **kw)
-                    self._plain = {n: getattr(r, n) for n in ("out", "dq", "dk", "dv", "dbias")
-                                   if getattr(r, n) is not None}
+                    r = naive.attention_vjp(case.q, case.k, case.v, case.g, g_lse=case.g_lse, **kw)
                 else:
-                    self._plain = {"out": naive.attention(case.q, case.k, case.v, **kw).out}
+                    r = naive.attention(case.q, case.k, case.v, **kw)
+                self._plain = {n: getattr(r, n) for n in ("out", "lse", "dq", "dk", "dv", "dbias", "dsinks")
+                               if getattr(r, n, None) is not None}
         if name not in self._plain:
             return ""
         c = self.info.contract
@@ -176,7 +195,7 @@ class _Findings:
                f"{'rounded' if c.round_logits else 'not rounded'}, probabilities "
                f"{'rounded' if c.round_probs else 'not rounded'})")
         got = float(self._plain[name][idx])
-        want = float(self.truth.grads[name][idx] if name != "out" else self.truth.out[idx])
+        want = float({"out": self.truth.out, "lse": self.truth.lse, **(self.truth.grads or {})}[name][idx])
         if not np.isfinite(got):
             return f"{who} is non-finite there too ({got}): a limit of that precision contract, not only of this kernel"
         if category in ("overflow", "nan"):
@@ -230,6 +249,12 @@ def judge(info: TargetInfo, case: Case, truth: reference.Exact, allow: tolerance
     arrays = []
     if calls.out is not None and fs.structure("forward", "out", calls.out, truth.out.shape):
         arrays.append(("forward", "out", calls.out, truth.out, allow.out, allow.scale_out, masked))
+    if "lse" in info.features and calls.out is not None:
+        lse_dtype = "fp64" if case.dtype == "fp64" else "fp32"
+        if calls.lse is not None and fs.structure("forward", "lse", calls.lse, truth.lse.shape, lse_dtype):
+            att = spec.normalize(case.q, case.k, case.v, masked_rows=info.masked_rows, **case.semantics())
+            fs.empty_rows(calls.lse, truth.lse, att)
+            arrays.append(("forward", "lse", calls.lse, truth.lse, allow.lse, np.ones_like(truth.lse), None))
     if calls.grads is not None:
         for name, want in truth.grads.items():
             got = calls.grads.get(name)
@@ -239,7 +264,8 @@ def judge(info: TargetInfo, case: Case, truth: reference.Exact, allow: tolerance
                 arrays.append(("grad", name, got, want, allow.grads[name], allow.grad_scales[name],
                                masked if name == "dq" else None))
     for check, name, got, want, allowed, scale, rows in arrays:
-        cmp = compare(name, got, want, allowed, case.dtype, rows)
+        cmp = compare(name, got, want, allowed, "fp64" if name == "lse" and case.dtype == "fp64" else
+                      "fp32" if name == "lse" else case.dtype, rows)
         ratios[name] = cmp.worst_ratio
         fs.values(check, cmp, scale)
     return Outcome(fs.found, ratios, declined=calls.declined, reference=truth.reference,

@@ -45,6 +45,7 @@ class Calls:
     """What the target gave for one case: the output, the gradients, the failures, and the time taken."""
 
     out: np.ndarray | None = None
+    lse: np.ndarray | None = None
     grads: dict[str, np.ndarray] | None = None
     failures: dict[str, CallFailure] = field(default_factory=dict)  # by pass
     seconds: float = 0.0
@@ -105,7 +106,7 @@ def run_passes(adapter: Adapter, case: Case, passes: tuple[str, ...],
             calls.failures[name] = failure_of(exc)
         else:
             if name == "forward":
-                calls.out = value
+                calls.out, calls.lse = value
             else:
                 calls.grads = value
             continue

@@ -22,13 +22,14 @@ class Exact:
 
     out: np.ndarray
     lse: np.ndarray
-    p: np.ndarray
+    p: np.ndarray  # [B, Hq, Lq, Lk], 0 for invisible keys
     grads: dict[str, np.ndarray] | None = None
     reference: str = "mp"  # which reference decided: "mp" or "naive64"
+    p_sink: np.ndarray | None = None  # [B, Hq, Lq]: the sink's probability, with sinks
 
 
 def _probs64(case: Case, masked_rows: str) -> np.ndarray:
-    """Float64 softmax probabilities [B, Hq, Lq, Lk] (0 on masked rows)."""
+    """Float64 softmax probabilities [B, Hq, Lq, Lk] (0 on masked rows), for cases without softcap, ALiBi, sinks."""
     att = spec.normalize(case.q, case.k, case.v, masked_rows=masked_rows, **case.semantics())
     q = spec.to_heads_first(att.q.astype(np.float64))
     k = spec.to_heads_first(att.k.astype(np.float64))[:, att.kv_head]
@@ -43,7 +44,7 @@ def _probs64(case: Case, masked_rows: str) -> np.ndarray:
 
 
 def _grads(res: object) -> dict[str, np.ndarray]:
-    return {n: getattr(res, n) for n in ("dq", "dk", "dv", "dbias") if getattr(res, n) is not None}
+    return {n: getattr(res, n) for n in ("dq", "dk", "dv", "dbias", "dsinks") if getattr(res, n) is not None}
 
 
 def exact(case: Case, masked_rows: str, grad: bool, mp_max_len: int | None = None) -> Exact:
@@ -54,13 +55,15 @@ def exact(case: Case, masked_rows: str, grad: bool, mp_max_len: int | None = Non
     """
     grad = grad and case.g is not None
     kw = dict(case.semantics(), masked_rows=masked_rows)
-    if mp_max_len is not None and max(case.dims["Lq"], case.dims["Lk"]) > mp_max_len:
+    vjp_kw = dict(kw, g_lse=case.g_lse)
+    simple = all(kw[k] is None for k in ("softcap", "alibi_slopes", "sinks")) and case.g_lse is None
+    if simple and mp_max_len is not None and max(case.dims["Lq"], case.dims["Lk"]) > mp_max_len:
         args = (case.q, case.k, case.v, case.g) if grad else (case.q, case.k, case.v)
-        r64 = (naive.attention_vjp if grad else naive.attention)(*args, **kw)
+        r64 = naive.attention_vjp(*args, **vjp_kw) if grad else naive.attention(*args, **kw)
         if r64.reliable.all():
             return Exact(r64.out, r64.lse, _probs64(case, masked_rows), _grads(r64) if grad else None, "naive64")
     if grad:
-        res = mp.attention_vjp(case.q, case.k, case.v, case.g, probs=True, **kw)
-        return Exact(res.out, res.lse, res.p, _grads(res))
+        res = mp.attention_vjp(case.q, case.k, case.v, case.g, probs=True, **vjp_kw)
+        return Exact(res.out, res.lse, res.p, _grads(res), p_sink=res.p_sink)
     res = mp.attention(case.q, case.k, case.v, probs=True, **kw)
-    return Exact(res.out, res.lse, res.p)
+    return Exact(res.out, res.lse, res.p, p_sink=res.p_sink)

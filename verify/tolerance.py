@@ -3,30 +3,50 @@
 Fixed ``rtol/atol`` pairs either flag correct low-precision kernels or miss real bugs, so each
 element gets its own allowance from the dtype, the case and the target's declared contract.
 
-Notation (per batch b and query head h; ``p`` the exact probabilities, from the mp oracle):
+Notation (per batch b and query head h; ``p`` the exact probabilities of the keys, ``p_sink`` the
+sink's, both from the oracle):
 
 - ``u``: unit roundoff of the input dtype; ``ua``: of the accumulation (``min(u, 2^-24)`` for
   the ``fp32`` contract, ``u`` for ``input``); ``gamma(n) = n*ua / (1 - n*ua)`` (Higham).
 - Absolute-value scales (Higham's componentwise bounds: the same formula on absolute values):
   ``A = p @ |v|`` (outputs); ``dPa = |g| @ |v|^T``, ``da_i = |g_i| . A_i``,
-  ``dSa = p * (dPa + da)``; ``Sdq = scale * dSa @ |k|``, ``Sdk = scale * dSa^T @ |q|``,
-  ``Sdv = p^T @ |g|``, ``Sdbias = dSa`` summed to bias's shape (kv-head sums over the group).
-- Logit error of key j in row i (absolute):
-  ``ds_ij = gamma(Dk+2) * scale * sum_d |q_id||k_jd| + 2*ua*(|scale q.k| + |bias|) + [round_logits] * u*|s_ij|``.
+  ``dSa = p * (dPa + da + |g_lse|)``; with softcap ``dTa = dSa * sech^2(t/c)`` (else ``dTa = dSa``);
+  ``Sdq = scale * dTa @ |k|``, ``Sdk = scale * dTa^T @ |q|``, ``Sdv = p^T @ |g|``, ``Sdbias = dSa``
+  summed to bias's shape, ``Sdsinks = sum p_sink (|g_lse| + da)`` (kv-head sums over the group).
+- Logit error of key j in row i (absolute), with ``t = scale q.k`` and the final logit
+  ``s = cap(t) + bias - alibi``:
+  ``dt_ij = gamma(Dk+2) * scale * sum_d |q_id||k_jd| + 2*ua*|t|``; with softcap c the capped logit
+  errs by ``dt`` (``c tanh(t/c)`` is 1-Lipschitz) plus ``(2*ua + U_TANH*ua) * |c tanh(t/c)|`` for the
+  division, ``tanh`` and product; ALiBi's ``slope * |i + off - j|`` adds ``ua * |alibi|``; adding bias
+  and ALiBi ``2*ua*(|cap(t)| + |bias| + |alibi|)``. ``round_logits`` rounds every step to the input
+  dtype (what a plain implementation does): the product and the scaling ``2u|t|``, with softcap
+  ``u(|t| sech^2(t/c) + 2|cap(t)|) + c*subnormal_min`` more (``t/c`` may fall among the dtype's
+  subnormals), and ``u|s|`` for each of the bias and ALiBi additions. A sink
+  logit is exact (given in the dtype, converted exactly) and takes part in the softmax without error.
 - Its effect on the probabilities, without linearising (so huge logit errors stay sound):
   ``w_i = sum_j p_ij expm1(ds_ij)``, ``r_ij = exp(ds_ij) / (1 - w_i) - 1``, so
-  ``|p~_ij - p_ij| <= p_ij r_ij``. A row with ``w_i >= 1`` (or a key whose weight underflows
-  float64 while its logit error exceeds exp's range) is *unconstrained*: any answer is within
-  the contract (say, bf16-rounded logits of 1e4), and the campaign counts such rows.
+  ``|p~_ij - p_ij| <= p_ij r_ij`` and the sink's ``|p~_sink - p_sink| <= p_sink r_sink`` with
+  ``r_sink = 1 / (1 - w_i) - 1``. A row with ``w_i >= 1``, or with a key whose exact weight
+  underflows float64 but whose logit could come within exp's range of the row's maximum once the
+  logit errors are added (``s_j - m_i + ds_ij + max_k ds_ik > -745``), is *unconstrained*: its
+  logits are lost in rounding (a -1e9 bias in fp32, bf16-rounded logits of 1e4), so any convex
+  combination of its values is within the contract: the output may differ from the exact one by
+  up to ``2 max_j |v_j|`` (gradients and lse are then not bounded), and campaigns count such rows.
 - Output allowance:
-  ``u*A + slack * [ (p*r) @ |v| + A * (4*ua + 2*gamma(Lk) + [round_probs]*u) + floor ]``
+  ``u*A + slack * [ (p*r) @ |v| + A * (4*ua + 2*gamma(Lk+1) + [round_probs]*u) + floor ]``
   where the terms are: final rounding to the dtype (rigorous, so without slack); logit error;
   exp and division; the row sum and ``p @ v`` accumulations; probabilities rounded to the dtype.
-- Gradient allowances: ``dS`` errs by ``dSe = (p*r)*(dPa + da) + p * (|g| . allow_out)``
-  (``delta`` is computed from the target's own rounded output);
-  ``dq: scale * dSe @ |k| + rho*Sdq``, ``dk: scale * dSe^T @ |q| + rho*Sdk``,
-  ``dv: (p*r)^T @ |g| + rho*Sdv``, ``dbias: dSe + rho*Sdbias``, all times ``slack``, with
-  ``rho = 4*u + 2*gamma(max(Lq, Lk, Dk, Dv) + 2)`` (gradients rounded to the dtype, ``dS`` and
+- lse allowance (lse is returned in float32, float64 for fp64 inputs, with unit roundoff ``ul``):
+  ``ul*|lse| + slack * (log(1 + w) + 2*gamma(Lk+2) + floor)``: lse moves by at most the
+  probability-weighted logit error; the sum and the log round.
+- Gradient allowances: ``dS`` errs by ``dSe = (p*r)*(dPa + da + |g_lse|) + p * (|g| . allow_out)``
+  (``delta`` is computed from the target's own rounded output); with softcap the logit cotangent
+  ``dT = dS * sech^2`` errs by ``dTe = dSe*sech^2 + dSa*(0.77*dt/c + 4*ul)`` (0.77 bounds
+  ``|d sech^2(x)/dx|``; ``ul`` is ``u`` when logits are in the input dtype, else ``ua``);
+  ``dq: scale * dTe @ |k| + rho*Sdq``, ``dk: scale * dTe^T @ |q| + rho*Sdk``,
+  ``dv: (p*r)^T @ |g| + rho*Sdv``, ``dbias: dSe + rho*Sdbias``,
+  ``dsinks: sum p_sink (r_sink (|g_lse| + da) + |g| . allow_out) + rho*Sdsinks``, all times ``slack``,
+  with ``rho = 4*u + 2*gamma(max(Lq, Lk, Dk, Dv) + 2)`` (gradients rounded to the dtype, ``dS`` and
   ``p`` rounded to the dtype in the backward, and its accumulations).
 - ``floor = (n + 2) * tiny(acc) + subnormal_min(dtype)``: gradual underflow or flush-to-zero of
   ``n`` accumulated terms and the final rounding of a subnormal; gradients scale it by the
@@ -57,12 +77,14 @@ from verify.targets.base import Contract
 SLACK = 2.0
 ALPHA, BETA = 2.0, 2.0
 POLICIES = ("bound", "naive")
+U_TANH = 4.0  # a correct tanh errs by a few ulps of the accumulation dtype
+SECH2_SLOPE = 0.77  # max |d/dx sech^2(x)| = 4 / (3 sqrt 3)
 _U32 = 2.0**-24
 
 
 @dataclass(frozen=True)
 class Allowance:
-    """Per-element allowances and absolute-value scales for the output and each gradient."""
+    """Per-element allowances and absolute-value scales for the output, lse and each gradient."""
 
     out: np.ndarray  # [B, Lq, Hq, Dv]
     scale_out: np.ndarray  # A = p @ |v|
@@ -71,6 +93,7 @@ class Allowance:
     unconstrained_rows: int = 0  # rows whose logit error makes any answer acceptable
     u: float = 0.0
     policy: str = "bound"
+    lse: np.ndarray | None = None  # [B, Hq, Lq], absolute
 
 
 def _tiny(dtype: str) -> float:
@@ -93,6 +116,10 @@ def _acc_unit(dtype: str, contract: Contract) -> tuple[float, str]:
     return (min(u, _U32), "fp32" if u >= _U32 else dtype)
 
 
+def _swap(x: np.ndarray) -> np.ndarray:
+    return np.swapaxes(x, -1, -2)
+
+
 def _heads(att: spec.Attention) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """q, k, v as float64 [B, H, L, D] with k and v expanded to query heads."""
     q = spec.to_heads_first(att.q.astype(np.float64))
@@ -109,38 +136,80 @@ def _fold_kv(x: np.ndarray, att: spec.Attention) -> np.ndarray:
     return spec.to_seq_first(out)
 
 
-def bound(case: Case, contract: Contract, p: np.ndarray, masked_rows: str = "zeros") -> Allowance:
-    """The componentwise error bound for ``case`` given exact probabilities ``p`` [B, Hq, Lq, Lk]."""
+@dataclass
+class _Logits:
+    """The absolute logit error ``ds`` per key and what the gradient terms need (float64, [B, H, Lq, Lk])."""
+
+    ds: np.ndarray
+    dt: np.ndarray  # error of t = scale q.k before softcap
+    sech2: np.ndarray | None  # 1 - tanh^2(t / c), with softcap
+    s: np.ndarray  # the final logits (-inf where invisible)
+
+
+def _logit_error(att: spec.Attention, contract: Contract, dtype: str, ua: float, q: np.ndarray,
+                 k: np.ndarray) -> _Logits:
+    u = spec.unit_roundoff(dtype)
+    scale = att.scale_float()
+    vis = att.visible
+    t = scale * (q @ _swap(k))
+    sabs = abs(scale) * (np.abs(q) @ _swap(np.abs(k)))
+    dt = _gamma(q.shape[-1] + 2, ua) * sabs + 2 * ua * np.abs(t)
+    sech2 = None
+    capped = t
+    if att.softcap is not None:
+        c = att.softcap
+        capped = c * np.tanh(t / c)
+        with np.errstate(over="ignore"):
+            sech2 = 1.0 / np.cosh(np.minimum(np.abs(t / c), 700.0)) ** 2
+    bias = 0.0 if att.bias is None else np.where(vis, att.bias.astype(np.float64), 0.0)
+    alibi = 0.0 if att.alibi is None else att.alibi
+    with np.errstate(invalid="ignore"):
+        s = capped + bias + alibi
+        ds = dt + (2 * ua * (np.abs(capped) + np.abs(bias) + np.abs(alibi)))
+        if att.softcap is not None:
+            ds = ds + (2 + U_TANH) * ua * np.abs(capped)
+        if att.alibi is not None:
+            ds = ds + ua * np.abs(alibi)
+        if contract.round_logits:
+            ds = ds + 2 * u * np.abs(t)
+            if sech2 is not None:  # t/c in the dtype may be subnormal (a large c): absolute error c*sub/2, twice
+                ds = ds + u * (np.abs(t) * sech2 + 2 * np.abs(capped)) + att.softcap * _subnormal_min(dtype)
+            if att.bias is not None:
+                ds = ds + u * np.abs(capped + bias)
+            if att.alibi is not None:
+                ds = ds + u * np.abs(s)
+    return _Logits(np.where(vis, ds, 0.0), dt, sech2, np.where(vis, s, -np.inf))
+
+
+def bound(case: Case, contract: Contract, p: np.ndarray, masked_rows: str = "zeros",
+          p_sink: np.ndarray | None = None, lse: np.ndarray | None = None) -> Allowance:
+    """The componentwise error bound for ``case`` given exact probabilities ``p`` [B, Hq, Lq, Lk].
+
+    ``p_sink`` (with sinks) gives the ``dsinks`` allowance, ``lse`` (the exact lse) the lse allowance.
+    """
     att = spec.normalize(case.q, case.k, case.v, masked_rows=masked_rows, **case.semantics())
     if masked_rows == "uniform":
         # A fully masked row attends uniformly to every key: scales and gradients follow that p.
-        rows = att.masked_row[..., None]
-        p = np.where(rows, 1.0 / att.k.shape[1], p)
+        p = np.where(att.masked_row[..., None], 1.0 / att.k.shape[1], p)
     dtype = case.dtype
     u = spec.unit_roundoff(dtype)
     ua, acc = _acc_unit(dtype, contract)
     d = att.dims
     q, k, v = _heads(att)
     scale = att.scale_float()
-    vis = att.visible
+    vis = att.visible | (att.masked_row[..., None] if masked_rows == "uniform" else False)
     aq, ak, av = np.abs(q), np.abs(k), np.abs(v)
-
-    qk = np.einsum("bhqd,bhkd->bhqk", q, k)
-    sabs = np.abs(scale) * np.einsum("bhqd,bhkd->bhqk", aq, ak)
-    bias = 0.0 if att.bias is None else np.where(vis, np.abs(att.bias.astype(np.float64)), 0.0)
-    s = np.abs(scale * qk) + bias
-    ds = _gamma(d["Dk"] + 2, ua) * sabs + 2 * ua * s
-    if contract.round_logits:
-        ds = ds + u * s
-    ds = np.where(vis, ds, 0.0)
-    if masked_rows == "uniform":
-        vis = vis | att.masked_row[..., None]
+    lg = _logit_error(att, contract, dtype, ua, q, k)
+    ds = lg.ds
     with np.errstate(over="ignore", invalid="ignore"):
         w = (p * np.expm1(ds)).sum(-1, keepdims=True)
         r = np.exp(ds) / np.maximum(1 - w, 1e-300) - 1
-        # A key whose exact weight underflows float64 (p = 0) may still be lifted by a logit
-        # error past exp's range, and a row with w >= 1 is unconstrained for every visible key.
-        lost = vis & (p == 0) & (ds > 700)
+        r_sink = 1 / np.maximum(1 - w, 1e-300) - 1
+        # A key whose exact weight underflows float64 (p = 0) may still be lifted by logit errors into
+        # exp's range of the row maximum; a row with w >= 1 is unconstrained for every visible key.
+        m = np.max(np.where(vis, lg.s, -np.inf), axis=-1, keepdims=True)
+        reach = lg.s - np.where(np.isfinite(m), m, 0.0) + ds + ds.max(-1, keepdims=True)
+        lost = vis & (p == 0) & (reach > -745.0)
         free = vis & ((w >= 1) | lost.any(-1, keepdims=True))
         pr = np.where(free, np.inf, np.where(p > 0, p * r, 0.0))
     unconstrained = int(free.any(-1).sum())
@@ -149,73 +218,99 @@ def bound(case: Case, contract: Contract, p: np.ndarray, masked_rows: str = "zer
     # smallest subnormal absolutely once they fall below the normal range (fp16: p < 6.1e-5).
     rounded = contract.round_probs or contract.accumulate == "input"
     pr = pr + (0.5 * _subnormal_min(dtype) if rounded else 0.0) * vis
-    big_a = np.einsum("bhqk,bhkd->bhqd", p, av)
-    rel = 4 * ua + 2 * _gamma(d["Lk"], ua) + (u if rounded else 0.0)
+    big_a = p @ av
+    rel = 4 * ua + 2 * _gamma(d["Lk"] + 1, ua) + (u if rounded else 0.0)
     floor_o = (d["Lk"] + 2) * _tiny(acc) + _subnormal_min(dtype)
     with np.errstate(invalid="ignore"):
         # The final rounding to the dtype is rigorously <= u*|o| <= u*A: it takes no slack.
-        allow_o = u * big_a + SLACK * (np.einsum("bhqk,bhkd->bhqd", pr, av) + big_a * rel + floor_o)
+        allow_o = u * big_a + SLACK * (pr @ av + big_a * rel + floor_o)
+        # An unconstrained row still averages its values: within 2 max|v| of the exact output.
+        vmax = av.max(-2, keepdims=True)  # over every key of the head: no smaller than over the row's
+        allow_o = np.where(free.any(-1, keepdims=True), 2 * (1 + 4 * u) * vmax + floor_o, allow_o)
     out = spec.to_seq_first(allow_o)
-    result = Allowance(out, spec.to_seq_first(big_a), unconstrained_rows=unconstrained, u=u)
+    allow_lse = None if lse is None else _lse_allowance(lse, dtype, ua, w, free, d["Lk"])
+    result = Allowance(out, spec.to_seq_first(big_a), unconstrained_rows=unconstrained, u=u, lse=allow_lse)
     if case.g is None:
         return result
 
     g = spec.to_heads_first(case.g.astype(np.float64))
     ag = np.abs(g)
-    dpa = np.einsum("bhqd,bhkd->bhqk", ag, av)
+    glse = 0.0 if case.g_lse is None else np.abs(case.g_lse.astype(np.float64))[..., None]
+    dpa = ag @ _swap(av)
     da = (ag * big_a).sum(-1, keepdims=True)
-    dsa = p * (dpa + da)
+    dsa = p * (dpa + da + glse)
     with np.errstate(invalid="ignore"):
-        dse = pr * (dpa + da) + p * (ag * allow_o).sum(-1, keepdims=True)
+        err_delta = (ag * allow_o).sum(-1, keepdims=True)
+        dse = pr * (dpa + da + glse) + p * err_delta
         dse = dse + (0.5 * _subnormal_min(dtype) if rounded else 0.0) * vis
+        if lg.sech2 is not None:  # 1 - tanh^2 computed in the logits' dtype: an absolute error of a few units
+            ul = u if contract.round_logits or contract.accumulate == "input" else ua
+            dta = dsa * lg.sech2
+            dte = dse * lg.sech2 + dsa * (SECH2_SLOPE * lg.dt / att.softcap + 4 * ul)
+        else:
+            dta, dte = dsa, dse
     rho = 4 * u + 2 * _gamma(max(d["Lq"], d["Lk"], d["Dk"], d["Dv"]) + 2, ua)
     mag = max(1.0, float(np.abs(scale)) * max(float(aq.max()), float(ak.max())), float(ag.max()), float(av.max()))
     floor_g = ((d["Lq"] + d["Lk"] + d["Dk"] + d["Dv"] + 2) * _tiny(acc) + _subnormal_min(dtype)) * mag
     sc = abs(scale)
     scales = {
-        "dq": spec.to_seq_first(sc * np.einsum("bhqk,bhkd->bhqd", dsa, ak)),
-        "dk": _fold_kv(sc * np.einsum("bhqk,bhqd->bhkd", dsa, aq), att),
-        "dv": _fold_kv(np.einsum("bhqk,bhqd->bhkd", p, ag), att),
+        "dq": spec.to_seq_first(sc * (dta @ ak)),
+        "dk": _fold_kv(sc * (_swap(dta) @ aq), att),
+        "dv": _fold_kv(_swap(p) @ ag, att),
     }
     with np.errstate(invalid="ignore"):
         errs = {
-            "dq": spec.to_seq_first(sc * np.einsum("bhqk,bhkd->bhqd", dse, ak)),
-            "dk": _fold_kv(sc * np.einsum("bhqk,bhqd->bhkd", dse, aq), att),
-            "dv": _fold_kv(np.einsum("bhqk,bhqd->bhkd", pr, ag), att),
+            "dq": spec.to_seq_first(sc * (dte @ ak)),
+            "dk": _fold_kv(sc * (_swap(dte) @ aq), att),
+            "dv": _fold_kv(_swap(pr) @ ag, att),
         }
     if att.bias_shape is not None:
         scales["dbias"] = spec.reduce_to_shape(dsa, att.bias_shape)
         errs["dbias"] = spec.reduce_to_shape(dse, att.bias_shape)
+    if att.sinks is not None and p_sink is not None:
+        ps = p_sink[..., None]
+        glse_s = 0.0 if case.g_lse is None else glse
+        scales["dsinks"] = (ps * (glse_s + da)).sum(axis=(0, 2))[:, 0]
+        with np.errstate(invalid="ignore"):
+            errs["dsinks"] = (ps * (r_sink * (glse_s + da) + err_delta)).sum(axis=(0, 2))[:, 0]
     grads = {name: SLACK * (errs[name] + rho * scales[name] + floor_g) for name in scales}
-    return Allowance(out, result.scale_out, grads, scales, unconstrained, u)
+    return Allowance(out, result.scale_out, grads, scales, unconstrained, u, lse=allow_lse)
+
+
+def _lse_allowance(lse: np.ndarray, dtype: str, ua: float, w: np.ndarray, free: np.ndarray, lk: int) -> np.ndarray:
+    """Absolute allowance of lse [B, Hq, Lq]: its final rounding to float32 (float64 for fp64) is rigorous."""
+    ul = 2.0**-53 if dtype == "fp64" else _U32
+    with np.errstate(invalid="ignore", divide="ignore"):
+        moved = np.log1p(np.maximum(w[..., 0], 0.0))
+        allow = ul * np.where(np.isfinite(lse), np.abs(lse), 0.0) + SLACK * (
+            moved + 2 * _gamma(lk + 2, max(ua, ul)) + (lk + 2) * 2.0**-1022)
+    return np.where(free.any(-1), np.inf, allow)
 
 
 def allowance(case: Case, contract: Contract, truth: Exact, masked_rows: str = "zeros",
               policy: str = "bound") -> Allowance:
     """The allowance of ``case`` under ``policy`` (``"bound"`` or ``"naive"``) from its exact values."""
     if policy == "naive":
-        return flash_rule(case, contract, truth.out, truth.grads or {}, truth.p, masked_rows)
+        return flash_rule(case, contract, truth, masked_rows)
     if policy != "bound":
         raise ValueError(f"unknown tolerance policy {policy!r}; known: {', '.join(POLICIES)}")
-    return bound(case, contract, truth.p, masked_rows)
+    return bound(case, contract, truth.p, masked_rows, truth.p_sink, truth.lse)
 
 
-def flash_rule(case: Case, contract: Contract, exact_out: np.ndarray, exact_grads: dict[str, np.ndarray],
-               p: np.ndarray, masked_rows: str = "zeros") -> Allowance:
+def flash_rule(case: Case, contract: Contract, truth: Exact, masked_rows: str = "zeros") -> Allowance:
     """The FlashAttention rule: ``ALPHA * err(same-dtype naive) + BETA * u * scale``."""
-    base = bound(case, contract, p, masked_rows)
+    base = bound(case, contract, truth.p, masked_rows, truth.p_sink, truth.lse)
     kw = dict(case.semantics(), masked_rows=masked_rows, dtype=case.dtype, accumulate=contract.accumulate,
               round_logits=contract.round_logits, round_probs=contract.round_probs)
     u = base.u
     with np.errstate(invalid="ignore"):
         if case.g is None:
             ref = naive.attention(case.q, case.k, case.v, **kw)
-            out = ALPHA * np.abs(ref.out - exact_out) + BETA * u * base.scale_out
-            return Allowance(out, base.scale_out, u=u, policy="naive")
-        ref = naive.attention_vjp(case.q, case.k, case.v, case.g, **kw)
-        out = ALPHA * np.abs(ref.out - exact_out) + BETA * u * base.scale_out
+            out = ALPHA * np.abs(ref.out - truth.out) + BETA * u * base.scale_out
+            return Allowance(out, base.scale_out, u=u, policy="naive", lse=base.lse)
+        ref = naive.attention_vjp(case.q, case.k, case.v, case.g, g_lse=case.g_lse, **kw)
+        out = ALPHA * np.abs(ref.out - truth.out) + BETA * u * base.scale_out
         grads = {}
-        for name, exact in exact_grads.items():
-            got = getattr(ref, name)
-            grads[name] = ALPHA * np.abs(got - exact) + BETA * u * base.grad_scales[name]
-    return Allowance(out, base.scale_out, grads, base.grad_scales, base.unconstrained_rows, u, "naive")
+        for name, exact in (truth.grads or {}).items():
+            grads[name] = ALPHA * np.abs(getattr(ref, name) - exact) + BETA * u * base.grad_scales[name]
+    return Allowance(out, base.scale_out, grads, base.grad_scales, base.unconstrained_rows, u, "naive", base.lse)

@@ -21,8 +21,10 @@ from verify.case import Case
 from verify.strategies import masks as mk
 from verify.strategies import values as vl
 from verify.strategies.menus import SEED, Pick, composite, hypothesis_pick, known, numpy_pick, one_of
+from verify.strategies.options import pick_options
 from verify.strategies.shapes import Dims, chunk_menu, pick_compact, pick_shape
-from verify.targets.base import DEFAULT_DTYPES, FEATURES
+from verify.targets import layouts as lay
+from verify.targets.base import DEFAULT_DTYPES, FEATURES, check_constraints
 
 SCALES: tuple[float, ...] = (1.0, 0.125, 0.3)  # explicit scales besides None (= 1/sqrt(Dk))
 
@@ -35,46 +37,58 @@ def _key_block(pick: Pick, key_chunk: int | None, lk: int, family: str, kind: st
 
 
 def _assemble(pick: Pick, dtype: str, dims: Dims, family: str, kind: str, chunks: tuple[int | None, int | None],
-              scale: float | None, grad: bool, meta: dict) -> Case:
+              scale: float | None, grad: bool, meta: dict, features: frozenset[str] = frozenset(),
+              layouts: tuple[str, ...] = ("contiguous",), fixed: dict | None = None) -> Case:
+    """One case from its structural choices; ``fixed`` sets modern options instead of drawing them."""
     key_block = _key_block(pick, chunks[1], dims["Lk"], family, kind)
     vals = vl.pick_values(pick, family, dtype, dims, scale, key_block)
     masking = mk.pick_masking(pick, kind, dtype, dims, key_block)
+    options, option_params = ({}, {}) if fixed is not None else pick_options(pick, features, dtype, dims, key_block,
+                                                                              grad)
     g = None
     if grad:
         rng = np.random.default_rng(pick(SEED))
         g = vl.cast(rng.standard_normal((dims["B"], dims["Lq"], dims["Hq"], dims["Dv"])), dtype)
+    layout = pick(one_of(x for x in layouts if lay.applies(x, dims))) if len(layouts) > 1 else layouts[0]
     meta = {**meta, "family_params": vals.params, "mask_params": masking.params}
+    if option_params:
+        meta["option_params"] = option_params
     if key_block is not None and key_block != chunks[1]:
         meta["key_block"] = key_block
     return Case(vals.q, vals.k, vals.v, g=g, mask=masking.mask, bias=masking.bias, scale=scale,
                 causal=masking.causal, query_chunk_size=chunks[0], key_chunk_size=chunks[1], family=family,
-                mask_kind=kind, meta=meta)
+                mask_kind=kind, meta=meta, layout=layout, **options, **(fixed or {}))
 
 
 def _options(dtypes: Sequence[str], features: Iterable[str], families: Sequence[str], mask_kinds: Sequence[str],
-             max_len: int, max_heads: int, max_dim: int, grad: bool, compact: bool) -> dict:
+             max_len: int, max_heads: int, max_dim: int, grad: bool, compact: bool,
+             constraints: Iterable[str] = (), layouts: Sequence[str] = ("contiguous",)) -> dict:
     """Validated options of ``cases``: ``ValueError`` naming the first bad one."""
     features = frozenset(features)
     unknown = sorted(set(features) - set(FEATURES))
     if unknown:
         raise ValueError(f"unknown features {unknown}; known: {', '.join(FEATURES)}")
+    constraints = frozenset(constraints)
+    check_constraints(constraints)
+    layouts = known("layout", layouts, lay.LAYOUTS)
     families = tuple(f for f in known("family", families, vl.FAMILIES) if f != "row-offset" or max_dim >= 2)
     if not families:
         raise ValueError("row-offset needs max_dim >= 2")
     kinds = tuple(m for m in known("mask kind", mask_kinds, mk.MASK_KINDS) if mk.MASK_NEEDS[m] in features | {None})
     return {"dtypes": tuple(spec.dtype_name(d) for d in dtypes), "features": features, "families": families,
             "mask_kinds": kinds or ("none",), "max_len": max_len, "max_heads": max_heads, "max_dim": max_dim,
-            "grad": bool(grad and "grad" in features), "compact": compact}
+            "grad": bool(grad and "grad" in features), "compact": compact, "constraints": constraints,
+            "layouts": layouts}
 
 
 def _pick_case(pick: Pick, *, dtypes: tuple[str, ...], features: frozenset[str], families: tuple[str, ...],
                mask_kinds: tuple[str, ...], max_len: int, max_heads: int, max_dim: int, grad: bool,
-               compact: bool) -> Case:
+               compact: bool, constraints: frozenset[str], layouts: tuple[str, ...]) -> Case:
     dtype = pick(one_of(dtypes))
     family = pick(one_of(families))
     kind = pick(one_of(mask_kinds))
     limits = {"max_len": max_len, "max_heads": max_heads, "max_dim": max_dim, "gqa": "gqa" in features,
-              "min_dk": 2 if family == "row-offset" else 1}
+              "min_dk": 2 if family == "row-offset" else 1, "constraints": constraints}
     chunked = "chunks" in features
     if compact:
         dims, qchunk, kchunk = pick_compact(pick, chunked=chunked, **limits)
@@ -82,8 +96,9 @@ def _pick_case(pick: Pick, *, dtypes: tuple[str, ...], features: frozenset[str],
         dims = pick_shape(pick, **limits)
         qchunk = pick(one_of(chunk_menu(dims["Lq"]))) if chunked else None
         kchunk = pick(one_of(chunk_menu(dims["Lk"]))) if chunked else None
-    scale = pick(one_of(SCALES[:1] if compact else SCALES)) if pick(one_of((None, "explicit"))) else None
-    return _assemble(pick, dtype, dims, family, kind, (qchunk, kchunk), scale, grad, {})
+    explicit = "default-scale" not in constraints and pick(one_of((None, "explicit")))
+    scale = pick(one_of(SCALES[:1] if compact else SCALES)) if explicit else None
+    return _assemble(pick, dtype, dims, family, kind, (qchunk, kchunk), scale, grad, {}, features, layouts)
 
 
 def _draw_case(draw, **options) -> Case:
@@ -104,11 +119,16 @@ def cases(
     max_dim: int = 16,
     grad: bool = True,
     compact: bool = False,
+    constraints: Iterable[str] = (),
+    layouts: Sequence[str] = ("contiguous",),
 ) -> st.SearchStrategy[Case]:
     """Cases for a target declaring ``features``: nothing undeclared is generated (no mask without "mask",
     no bias masks without "bias", Hq == Hkv without "gqa", chunk sizes None without "chunks", g only with
-    ``grad`` and "grad"). ``compact`` draws shapes and chunks from ``COMPACT_SHAPES`` (jitted targets)."""
-    options = _options(dtypes, features, families, mask_kinds, max_len, max_heads, max_dim, grad, compact)
+    ``grad`` and "grad", no modern option without its feature) and nothing its ``constraints``
+    (``targets.base.CONSTRAINTS``) exclude. ``compact`` draws shapes and chunks from ``COMPACT_SHAPES``
+    (jitted targets); ``layouts`` are the memory layouts to draw (``verify.targets.layouts``)."""
+    options = _options(dtypes, features, families, mask_kinds, max_len, max_heads, max_dim, grad, compact,
+                       constraints, layouts)
     _pick_case(numpy_pick(np.random.default_rng(0)), **options)  # bad limits fail now, not mid-campaign
     return _cases(**options)
 
@@ -124,12 +144,13 @@ def example_case(seed: int, dtype: str = "fp32", *, family: str | None = None, m
 
 def make_case(seed: int, dtype: str, *, dims: Dims, family: str, mask_kind: str = "none",
               query_chunk_size: int | None = None, key_chunk_size: int | None = None,
-              features: Iterable[str] = frozenset(FEATURES), grad: bool = True) -> Case:
+              features: Iterable[str] = frozenset(FEATURES), grad: bool = True, **options: object) -> Case:
     """A deterministic case of an explicit shape, family, mask kind and chunk sizes (numpy only, for sweeps).
 
     The same ``seed`` gives the same q, k, v, masking and g for any chunk sizes, except where the family or
     mask kind aligns to the key chunk (``dominant-key``, ``masked-key-chunk``, ``single-key-edge``).
-    ``ValueError`` when the mask kind needs a feature not in ``features``.
+    ``ValueError`` when the mask kind needs a feature not in ``features``. ``options`` are modern options
+    set explicitly (``softcap=50.0``, ``window=(3, 0)``, ...); none is drawn.
     """
     features = frozenset(features)
     family = known("family", (family,), vl.FAMILIES)[0]
@@ -137,4 +158,5 @@ def make_case(seed: int, dtype: str, *, dims: Dims, family: str, mask_kind: str 
     if mk.MASK_NEEDS[kind] not in features | {None}:
         raise ValueError(f"mask kind {kind!r} needs feature {mk.MASK_NEEDS[kind]!r}, not in {sorted(features)}")
     return _assemble(numpy_pick(np.random.default_rng(seed)), spec.dtype_name(dtype), dims, family, kind,
-                     (query_chunk_size, key_chunk_size), None, grad and "grad" in features, {"seed": seed})
+                     (query_chunk_size, key_chunk_size), None, grad and "grad" in features, {"seed": seed},
+                     fixed=dict(options))

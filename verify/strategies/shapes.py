@@ -17,6 +17,7 @@ from __future__ import annotations
 from hypothesis import strategies as st
 
 from verify.strategies.menus import Pick, composite, hypothesis_pick, ints, one_of
+from verify.targets.base import multiple_of
 
 LENGTHS: tuple[int, ...] = (1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 17, 31, 32, 33)
 KV_HEADS: tuple[int, ...] = (1, 2)
@@ -56,34 +57,50 @@ def chunk_menu(length: int) -> tuple[int | None, ...]:
     return (None, *sizes)
 
 
+def fits(dims: Dims, constraints: frozenset[str]) -> bool:
+    """Whether ``dims`` satisfy a target's shape constraints (dk=dv, lq=lk, len%N, dim%N)."""
+    nl, nd = multiple_of(constraints, "len"), multiple_of(constraints, "dim")
+    return (("dk=dv" not in constraints or dims["Dk"] == dims["Dv"])
+            and ("lq=lk" not in constraints or dims["Lq"] == dims["Lk"])
+            and dims["Lq"] % nl == 0 and dims["Lk"] % nl == 0 and dims["Dk"] % nd == 0 and dims["Dv"] % nd == 0)
+
+
 def pick_compact(pick: Pick, *, max_len: int, max_heads: int, max_dim: int, gqa: bool, min_dk: int,
-                 chunked: bool) -> tuple[Dims, int | None, int | None]:
-    """A bucket of ``COMPACT_SHAPES`` that fits the limits, and one of its chunk pairs."""
-    fits = []
+                 chunked: bool, constraints: frozenset[str] = frozenset()) -> tuple[Dims, int | None, int | None]:
+    """A bucket of ``COMPACT_SHAPES`` that fits the limits and constraints, and one of its chunk pairs."""
+    buckets = []
     for (b, lq, lk, hq, hkv, dk, dv), chunks in COMPACT_SHAPES:
         hq = hq if gqa else hkv
-        if max(lq, lk) <= max_len and hq <= max_heads and max(dk, dv) <= max_dim and dk >= min_dk:
-            fits.append(({"B": b, "Lq": lq, "Lk": lk, "Hq": hq, "Hkv": hkv, "Dk": dk, "Dv": dv}, chunks))
-    if not fits:
-        raise ValueError(f"no compact shape fits max_len={max_len}, max_heads={max_heads}, max_dim={max_dim}")
-    dims, chunks = fits[pick(one_of(range(len(fits))))]
+        dims = {"B": b, "Lq": lq, "Lk": lk, "Hq": hq, "Hkv": hkv, "Dk": dk, "Dv": dv}
+        if max(lq, lk) <= max_len and hq <= max_heads and max(dk, dv) <= max_dim and dk >= min_dk and fits(
+                dims, constraints):
+            buckets.append((dims, chunks))
+    if not buckets:
+        raise ValueError(f"no compact shape fits max_len={max_len}, max_heads={max_heads}, max_dim={max_dim} "
+                         f"and constraints {sorted(constraints)}")
+    dims, chunks = buckets[pick(one_of(range(len(buckets))))]
     qchunk, kchunk = pick(one_of(chunks)) if chunked else (None, None)
     return dims, qchunk, kchunk
 
 
-def pick_shape(pick: Pick, *, max_len: int, max_heads: int, max_dim: int, gqa: bool, min_dk: int) -> Dims:
-    """Dims from the full menus: B in 1..2, Lq and Lk independently, Hq = Hkv * group, Dk and Dv independently."""
-    lengths = length_menu(max_len)
+def pick_shape(pick: Pick, *, max_len: int, max_heads: int, max_dim: int, gqa: bool, min_dk: int,
+               constraints: frozenset[str] = frozenset()) -> Dims:
+    """Dims from the full menus: B in 1..2, Lq and Lk independently, Hq = Hkv * group, Dk and Dv independently
+    (tied where the constraints say so, and only multiples where they ask for them)."""
+    nl, nd = multiple_of(constraints, "len"), multiple_of(constraints, "dim")
+    lengths = tuple(n for n in length_menu(max_len) if n % nl == 0)
     kv_heads = tuple(h for h in KV_HEADS if h <= max_heads)
-    dims = tuple(d for d in HEAD_DIMS if d <= max_dim)
-    if not kv_heads or not dims or max(dims) < min_dk:
-        raise ValueError(f"no shape fits max_heads={max_heads}, max_dim={max_dim}, min_dk={min_dk}")
+    dims = tuple(d for d in HEAD_DIMS if d <= max_dim and d % nd == 0)
+    if not lengths or not kv_heads or not dims or max(dims) < min_dk:
+        raise ValueError(f"no shape fits max_len={max_len}, max_heads={max_heads}, max_dim={max_dim}, "
+                         f"min_dk={min_dk} and constraints {sorted(constraints)}")
     b = pick(ints(1, 2))
-    lq, lk = pick(one_of(lengths)), pick(one_of(lengths))
+    lq = pick(one_of(lengths))
+    lk = lq if "lq=lk" in constraints else pick(one_of(lengths))
     hkv = pick(one_of(kv_heads))
     group = pick(one_of(g for g in GROUPS if hkv * g <= max_heads)) if gqa else 1
     dk = pick(one_of(d for d in dims if d >= min_dk))
-    dv = pick(one_of(dims))
+    dv = dk if "dk=dv" in constraints else pick(one_of(dims))
     return {"B": b, "Lq": lq, "Lk": lk, "Hq": hkv * group, "Hkv": hkv, "Dk": dk, "Dv": dv}
 
 

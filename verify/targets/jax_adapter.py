@@ -3,7 +3,8 @@
 Arrays keep their dtype exactly (bf16 is ``ml_dtypes.bfloat16`` on both sides; the mask stays
 bool, the bias keeps its own dtype) and are placed on the device the target declares (``cpu``
 even where a GPU is present, ``gpu`` only where jax has one). The call is jitted with the
-non-array keywords (scale, causal, chunk sizes) static and mask/bias traced; compiled functions
+non-array keywords (scale, causal, align, window, softcap, chunk sizes, return_lse) static and the
+array keywords (mask, bias, ALiBi slopes, sinks, segment ids) traced; compiled functions
 are cached per static keywords, and jax's own cache handles new shapes and dtypes; a persistent
 compilation cache (``.attnverify/jax-cache``) serves repeated campaigns.
 
@@ -22,7 +23,7 @@ import numpy as np
 
 from verify.case import Case
 from verify.compat import jit_cache_size
-from verify.targets.base import Adapter, TargetInfo, Unsupported, split_arrays
+from verify.targets.base import Adapter, Output, TargetInfo, Unsupported, split_arrays, split_result
 from verify.targets.loader import TargetSpec
 
 try:
@@ -40,7 +41,8 @@ else:
         jax.config.update("jax_compilation_cache_dir", os.path.abspath(_CACHE))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
-_ARRAY_KWARGS = ("mask", "bias")
+_ARRAY_KWARGS = ("mask", "bias", "alibi_slopes", "sinks", "q_segment_ids", "kv_segment_ids")  # traced
+_DIFFERENTIABLE = ("bias", "sinks")  # array keywords that get a gradient, in split_arrays' order
 # Each compiled CPU executable keeps its own memory mappings; a campaign compiling thousands of
 # shapes ran out of them (LLVM "Cannot allocate memory", then a segfault). Past this many live
 # compilations the caches are dropped and programs recompile on demand.
@@ -93,21 +95,22 @@ class JaxAdapter(Adapter):
     def _qkv(self, case: Case) -> tuple[jax.Array, jax.Array, jax.Array]:
         return self._to_jax("q", case.q), self._to_jax("k", case.k), self._to_jax("v", case.v)
 
-    def forward(self, case: Case) -> np.ndarray:
-        """The target's output for ``case``, as numpy in the dtype the target returned."""
+    def forward(self, case: Case) -> Output:
+        """The target's output (and lse) for ``case``, as numpy in the dtypes the target returned."""
         static, arrays, key = self._split(case)
         self._trim()
         fn = self._forward_cache.get(key)
         if fn is None:
 
-            def call(q: jax.Array, k: jax.Array, v: jax.Array, extra: dict) -> jax.Array:
+            def call(q: jax.Array, k: jax.Array, v: jax.Array, extra: dict) -> object:
                 return self.fn(q, k, v, **static, **extra)
 
             fn = self._forward_cache[key] = jax.jit(call)
-        return np.asarray(fn(*self._qkv(case), arrays))
+        out, lse = split_result(fn(*self._qkv(case), arrays), static, self.info.name)
+        return Output(np.asarray(out), None if lse is None else np.asarray(lse))
 
     def vjp(self, case: Case) -> dict[str, np.ndarray]:
-        """``dq, dk, dv`` (+ ``dbias``) from ``jax.vjp`` with cotangent ``case.g`` cast to the output dtype."""
+        """Gradients from ``jax.vjp``, the cotangents ``case.g`` (and ``case.g_lse``) cast to the outputs' dtypes."""
         if "grad" not in self.info.features:
             raise Unsupported(f"{self.info.name} does not declare grad")
         if case.g is None:
@@ -115,21 +118,27 @@ class JaxAdapter(Adapter):
         static, arrays, key = self._split(case)
         self._trim()
         _, names = split_arrays(case, arrays)
+        differentiable = [n for n in _DIFFERENTIABLE if n in arrays]
         fn = self._vjp_cache.get(key)
         if fn is None:
 
-            def pullback(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, extra: dict) -> tuple:
-                mask = {"mask": extra["mask"]} if "mask" in extra else {}
+            def pullback(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, g_lse: jax.Array | None,
+                         extra: dict) -> tuple:
+                fixed = {n: x for n, x in extra.items() if n not in differentiable}
 
-                def f(q: jax.Array, k: jax.Array, v: jax.Array, *bias: jax.Array) -> jax.Array:
-                    return self.fn(q, k, v, **static, **mask, **({"bias": bias[0]} if bias else {}))
+                def f(q: jax.Array, k: jax.Array, v: jax.Array, *diff: jax.Array) -> object:
+                    return self.fn(q, k, v, **static, **fixed, **dict(zip(differentiable, diff, strict=True)))
 
-                primals = (q, k, v) + ((extra["bias"],) if "bias" in extra else ())
-                out, back = jax.vjp(f, *primals)
-                return back(g.astype(out.dtype))
+                result, back = jax.vjp(f, q, k, v, *(extra[n] for n in differentiable))
+                if not static.get("return_lse"):
+                    return back(g.astype(result.dtype))
+                out, lse = split_result(result, static, self.info.name)
+                glse = jax.numpy.zeros_like(lse) if g_lse is None else g_lse.astype(lse.dtype)
+                return back((g.astype(out.dtype), glse))
 
             fn = self._vjp_cache[key] = jax.jit(pullback)
-        grads = fn(*self._qkv(case), self._to_jax("g", case.g), arrays)
+        g_lse = None if case.g_lse is None else self._to_jax("g_lse", case.g_lse)
+        grads = fn(*self._qkv(case), self._to_jax("g", case.g), g_lse, arrays)
         return {name: np.asarray(x) for name, x in zip(names, grads, strict=True)}
 
 

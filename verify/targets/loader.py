@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import NamedTuple
 
 from oracles import spec as semantics
-from verify.targets.base import FEATURES, FRAMEWORKS, Adapter, Contract, TargetInfo, Unavailable
+from verify.targets.base import CONSTRAINTS, EMPTY_LSE, FEATURES, FRAMEWORKS, Adapter, Contract, TargetInfo, Unavailable
 
 BUNDLED: dict[str, str] = {
     "chunked-jax": "verify.targets.chunked_jax",
@@ -29,6 +29,7 @@ BUNDLED: dict[str, str] = {
     "jax-dpa": "verify.targets.jax_dpa",
     "mea-torch": "verify.targets.mea_torch",
     "mea-jax": "verify.targets.mea_jax",
+    "triton-flash": "verify.targets.triton_flash",
 }
 
 
@@ -56,6 +57,10 @@ TARGET_OPTIONS: tuple[Option, ...] = (
            ("fp32", "input")),
     Option("round_logits", "round-logits", "bool", "precision contract: logits rounded to the input dtype"),
     Option("round_probs", "round-probs", "bool", "precision contract: probabilities rounded to the input dtype"),
+    Option("constraints", "constraints", "csv", f"calls the target cannot take, comma list of {','.join(CONSTRAINTS)}"),
+    Option("empty_lse", "empty-lse", "str", "lse the target returns for a row with no visible key", EMPTY_LSE),
+    Option("nondeterministic", "nondeterministic", "bool", "run-to-run differences allowed (within the allowance)"),
+    Option("device", "device", "str", "where a user target runs: cpu, cuda, cuda:1 (torch) or gpu (jax)"),
 )
 _CONTRACT_FIELDS = ("accumulate", "round_logits", "round_probs")
 
@@ -72,9 +77,13 @@ class TargetSpec:
     accumulate: str | None = None
     round_logits: bool | None = None
     round_probs: bool | None = None
+    constraints: tuple[str, ...] | None = None
+    empty_lse: str | None = None
+    nondeterministic: bool | None = None
+    device: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("features", "dtypes"):
+        for name in ("features", "dtypes", "constraints"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, tuple):
                 object.__setattr__(self, name, tuple(value))
@@ -109,7 +118,8 @@ class TargetSpec:
 
     def _resolve(self, meta: dict) -> TargetInfo:
         """This spec's declarations over the function's metadata over the defaults."""
-        unknown = set(meta) - {"framework", "features", "masked_rows", "dtypes", "contract", "description", "notes"}
+        unknown = set(meta) - {"framework", "features", "masked_rows", "dtypes", "contract", "description", "notes",
+                               "constraints", "empty_lse", "nondeterministic", "device"}
         if unknown:
             raise TargetError(f"target {self.name!r}: unknown keys {sorted(unknown)} in its attnverify metadata")
         framework = self.framework or meta.get("framework")
@@ -121,10 +131,11 @@ class TargetSpec:
         contract.update({k: getattr(self, k) for k in _CONTRACT_FIELDS if getattr(self, k) is not None})
         kw = {"name": self.name, "framework": framework, "description": meta.get("description", "user target"),
               "notes": meta.get("notes", "")}
-        for name in ("features", "masked_rows", "dtypes"):
+        for name in ("features", "masked_rows", "dtypes", "constraints", "empty_lse", "nondeterministic", "device"):
             value = getattr(self, name) if getattr(self, name) is not None else meta.get(name)
             if value is not None:
-                kw[name] = frozenset(value) if name == "features" else tuple(value) if name == "dtypes" else value
+                kw[name] = (frozenset(value) if name in ("features", "constraints") else tuple(value)
+                            if name == "dtypes" else value)
         try:
             return TargetInfo(contract=Contract(**contract), **kw)
         except (TypeError, ValueError) as exc:
@@ -150,7 +161,8 @@ class TargetSpec:
             return cls(info.name)
         c = info.contract
         return cls(info.name, info.framework, tuple(sorted(info.features)), info.masked_rows, tuple(info.dtypes),
-                   c.accumulate, c.round_logits, c.round_probs)
+                   c.accumulate, c.round_logits, c.round_probs, tuple(sorted(info.constraints)), info.empty_lse,
+                   info.nondeterministic, info.device)
 
 
 def load(name: str, **declared: object) -> Adapter:
