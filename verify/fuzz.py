@@ -46,7 +46,8 @@ from verify.checks import CHECKS, DEFAULT_TIMEOUT, Outcome, passes_for, run_case
 from verify.execution import InProcess
 from verify.findings import Finding
 from verify.stats import Stats
-from verify.targets.base import DEFAULT_DTYPES, Adapter
+from verify.targets.base import DEFAULT_DTYPES, Adapter, TargetInfo
+from verify.targets.layouts import LAYOUTS
 from verify.targets.loader import TargetSpec
 
 DEFAULT_DATABASE = Path(".attnverify/hypothesis")
@@ -146,6 +147,11 @@ class Campaign:
             "findings": [f.to_json() for f in self.findings],
             "unshrunk_findings": [f.to_json() for f in self.provisional],
         }
+
+
+def layouts_for(info: TargetInfo) -> tuple[str, ...]:
+    """The memory layouts drawn for a target: all of them for torch and numpy, contiguous for JAX (no strides)."""
+    return LAYOUTS if info.framework in ("torch", "numpy") else ("contiguous",)
 
 
 def seed_for(seed: int, dtype: str, restart: int) -> int:
@@ -280,7 +286,8 @@ class _Search:
         self.strategy = strategies.cases(
             dtypes=(dtype,), features=info.features, grad="grad" in camp.checks, max_len=sett.max_len,
             families=sett.families, mask_kinds=sett.mask_kinds,
-            compact=info.framework == "jax" if sett.compact is None else sett.compact)
+            compact=info.framework == "jax" if sett.compact is None else sett.compact,
+            constraints=info.constraints, layouts=layouts_for(info))
 
     def run(self) -> str:
         """Search until done; returns what ended it (max_examples, budget, exhausted, max_findings)."""
