@@ -15,7 +15,8 @@ sink's, both from the oracle):
   summed to bias's shape, ``Sdsinks = sum p_sink (|g_lse| + da)`` (kv-head sums over the group).
 - Logit error of key j in row i (absolute), with ``t = scale q.k`` and the final logit
   ``s = cap(t) + bias - alibi``:
-  ``dt_ij = gamma(Dk+2) * scale * sum_d |q_id||k_jd| + 2*ua*|t|``; with softcap c the capped logit
+  ``dt_ij = gamma(Dk+2) * scale * sum_d |q_id||k_jd| + 2*ua*|t|``, and ``ua*|s_ij - m_i|`` for the
+  subtraction of the row maximum ``m_i`` (the sink's logit included) before ``exp``; with softcap c the capped logit
   errs by ``dt`` (``c tanh(t/c)`` is 1-Lipschitz) plus ``(2*ua + U_TANH*ua) * |c tanh(t/c)|`` for the
   division, ``tanh`` and product; ALiBi's ``slope * |i + off - j|`` adds ``ua * |alibi|``; adding bias
   and ALiBi ``2*ua*(|cap(t)| + |bias| + |alibi|)``. ``round_logits`` rounds every step to the input
@@ -50,10 +51,11 @@ sink's, both from the oracle):
   ``p`` rounded to the dtype in the backward, and its accumulations).
 - ``floor = (n + 2) * tiny(acc) + subnormal_min(dtype)``: gradual underflow or flush-to-zero of
   ``n`` accumulated terms and the final rounding of a subnormal; gradients scale it by the
-  largest input magnitude they multiply. When intermediates are rounded to the dtype
-  (``round_probs`` or ``accumulate="input"``), each probability and each ``dS`` element also
-  errs by up to ``subnormal_min(dtype) / 2`` absolutely (fp16 probabilities below 6.1e-5 are
-  subnormal): that is added to ``p*r`` and to ``dSe`` for every visible key.
+  largest input magnitude they multiply. Each probability also errs by up to half the smallest
+  subnormal of the accumulation dtype absolutely (fp32 probabilities below 1.2e-38, as under a
+  dominant sink), and of the input dtype when intermediates are rounded to it (``round_probs`` or
+  ``accumulate="input"``; fp16 probabilities below 6.1e-5 are subnormal): that is added to ``p*r``
+  (and so to ``dSe``) for every visible key.
 - ``slack = 2`` covers second-order terms. Worst-case ``gamma`` bounds are used throughout,
   so no correct kernel can exceed them, and bugs (wrong rescaling, dropped keys, a wrong
   Jacobian) give errors of order ``A`` itself, hundreds of allowances at bf16.
@@ -170,6 +172,11 @@ def _logit_error(att: spec.Attention, contract: Contract, dtype: str, ua: float,
             ds = ds + (2 + U_TANH) * ua * np.abs(capped)
         if att.alibi is not None:
             ds = ds + ua * np.abs(alibi)
+        # exp(s - m) with m the row's maximum (a sink's logit included): the subtraction rounds too
+        m = np.max(np.where(vis, s, -np.inf), axis=-1, keepdims=True)
+        if att.sinks is not None:
+            m = np.maximum(m, att.sinks[None, :, None, None])
+        ds = ds + ua * np.abs(s - np.where(np.isfinite(m), m, 0.0))
         if contract.round_logits:
             ds = ds + 2 * u * np.abs(t)
             if sech2 is not None:  # t/c in the dtype may be subnormal (a large c): absolute error c*sub/2, twice
@@ -214,10 +221,11 @@ def bound(case: Case, contract: Contract, p: np.ndarray, masked_rows: str = "zer
         pr = np.where(free, np.inf, np.where(p > 0, p * r, 0.0))
     unconstrained = int(free.any(-1).sum())
 
-    # Intermediates rounded to the dtype (probabilities, dS) err by u relatively, and by half the
-    # smallest subnormal absolutely once they fall below the normal range (fp16: p < 6.1e-5).
+    # Probabilities err by half the smallest subnormal of their dtype absolutely once they fall below
+    # its normal range: the accumulation dtype's always (fp32 below 1.2e-38: a dominant sink), and the
+    # input dtype's when intermediates are rounded to it (probabilities, dS; fp16: p < 6.1e-5).
     rounded = contract.round_probs or contract.accumulate == "input"
-    pr = pr + (0.5 * _subnormal_min(dtype) if rounded else 0.0) * vis
+    pr = pr + 0.5 * (_subnormal_min(acc) + (_subnormal_min(dtype) if rounded else 0.0)) * vis
     big_a = p @ av
     rel = 4 * ua + 2 * _gamma(d["Lk"] + 1, ua) + (u if rounded else 0.0)
     floor_o = (d["Lk"] + 2) * _tiny(acc) + _subnormal_min(dtype)
