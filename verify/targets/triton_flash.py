@@ -10,9 +10,12 @@ no segment ids and no chunk-size arguments: the kernel picks its own tiles. A ro
 How (the way a real FA2 kernel is written):
 
 - Fixed tiles ``BLOCK_M = 64`` query rows by ``BLOCK_N = 64`` keys, in the forward and in both backward
-  kernels. Square 64 x 64 rather than FA2's usual 128 x 64 forward tile: the backward holds a K and a
-  V tile, their two fp32 gradient accumulators and a [64, 64] fp32 score tile at once, which still fits
-  at head dim 256; and a 64-row tile boundary is where the tests' lengths (63, 64, 65, 127, 129) sit.
+  kernels. Square 64 x 64 rather than FA2's usual 128 x 64 forward tile: one tile size for all three
+  kernels, and the backward, which holds a K and a V tile, their two fp32 gradient accumulators and
+  [64, 64] fp32 score tiles at once, keeps half the working set of a 128-key tile at head dims up to
+  256 (the compiled launch uses 8 warps and one pipeline stage there; not yet measured on a GPU); in
+  the interpreter a smaller tile also wastes less work on masked partial tiles. Tile boundaries then sit
+  at 64, 128, ..., where the tests' lengths (63, 64, 65, 127, 129) are.
   Head dims are padded to the next power of two >= 16 inside the kernel (``tl.dot`` needs >= 16) with
   masked loads (padding reads 0) and masked stores, so 59, 72, 104, 111, 203 and 256 all work.
   Lengths are arbitrary: out-of-range keys of a partial tile get a ``-inf`` logit (and probability 0 in
@@ -41,7 +44,11 @@ How (the way a real FA2 kernel is written):
   accumulates ``dV += P^T dO`` and ``dK += dS^T Q`` with ``dS = P * (dP - delta)`` (times ``1 - tanh^2``
   under softcap); the dQ kernel runs over (query tiles, B * Hq) and accumulates ``dQ += dS K`` over the
   visible key tiles. As in FA2, P and dS are cast to the input dtype before their matmuls; every
-  accumulation is fp32, each gradient is rounded once. The lse cotangent enters through delta:
+  accumulation is fp32, each gradient is rounded once. One departure, fp16 only: dS = P (dP - delta)
+  can exceed fp16's 65504 while dq and dk are ordinary (values near fp16's max with small q, k: FA2
+  returns inf there), so each fp16 dS tile is multiplied by a power of two ``2^-e`` (e >= 0, the
+  smallest with max|dS| 2^-e <= 2^14) before the cast and its product by ``2^e`` after: exact scalings,
+  e = 0 (bitwise FA2) unless the tile would overflow. The lse cotangent enters through delta:
   ``d lse_i / d s_ij = p_ij`` gives ``ds_ij = p_ij (dp_ij - delta_i + g_lse_i)``. Gradients for q, k, v
   only (slopes get none).
 - Inputs may have any strides (transposed views, slices, stride-0 broadcasts): the kernels take strides;
@@ -50,7 +57,12 @@ How (the way a real FA2 kernel is written):
 Where it runs — decided once, at import: if ``torch.cuda.is_available()`` is False the module sets
 ``TRITON_INTERPRET=1`` (``os.environ.setdefault``, so an explicit setting wins, for the whole process)
 before importing triton, and the kernels run in Triton's interpreter on torch CPU tensors; otherwise they
-are compiled for CUDA tensors. ``INFO.device`` says which ("cpu" interpreted, "cuda" compiled).
+are compiled for CUDA tensors. ``INFO.device`` says which ("cpu" interpreted, "cuda" compiled). The
+interpreter only runs kernels decorated after ``TRITON_INTERPRET`` is set, and triton's own ``tl.sum``,
+``tl.max`` and ``tl.zeros`` are decorated when triton is imported (torch's ``has_triton()`` imports it, for
+one), so the kernels avoid them: ``tl.full`` and ``tl.reduce`` with the standard library's own combine
+functions (which the interpreter evaluates with numpy). The module therefore works whatever imported
+triton first.
 
 bf16: only compiled. Under the interpreter bf16 values are held as raw uint16 and arithmetic on them is
 integer arithmetic (measured: ``x * 2`` of a loaded bf16 vector comes back wrong by up to 6.4 for inputs
@@ -66,6 +78,7 @@ as unavailable).
 from __future__ import annotations
 
 import math
+import operator
 import os
 
 import torch
@@ -114,13 +127,16 @@ INFO = TargetInfo(
     ),
     notes=(
         "Masked rows 'zeros': the running max is shifted by 0 while it is -inf, the output is 0 where the "
-        "row sum is 0 and lse -inf, and the backward sets p = 0 for rows whose lse is -inf, so those rows "
-        "get exactly 0 output and zero gradients. Contract: logits are the fp32 result of tl.dot with fp32 "
-        "accumulation (ieee, no tf32), scaled, soft-capped and ALiBi-shifted in fp32, never rounded to the "
-        "input dtype; the online-softmax statistics and the output accumulator are fp32; the probabilities "
-        "(and in the backward dS) are cast to the input dtype before their matmuls, as FA2 does. bf16 is "
-        "declared only when compiled: Triton's interpreter does bf16 arithmetic on raw uint16 (x*2 of a "
-        "bf16 vector measured wrong by up to 6.4)."
+        "row sum is 0 and lse -inf, and the backward gives p = 0 to rows whose lse is -inf, so those rows get "
+        "exactly 0 output and zero gradients (tested bit-exact with bottom-right Lq > Lk and windows). "
+        "Contract: logits are the fp32 result of tl.dot with fp32 accumulation (ieee, no tf32), scaled, "
+        "soft-capped and ALiBi-shifted in fp32, never rounded to the input dtype; softmax statistics and "
+        "the output accumulator are fp32; the probabilities (and in the backward dS) are cast to the input "
+        "dtype before their matmuls, as FA2 does (fp16 dS tiles first scaled by an exact power of two when "
+        "they would pass 65504). Evidence: tests/test_triton_flash.py stays below half of a 4 u A + fp32 "
+        "logit-error allowance over lengths 1-200, head dims 16-72 and every option, forward and gradients. "
+        "bf16 is declared only when compiled: Triton's interpreter does bf16 arithmetic on raw uint16 (x*2 "
+        "of a loaded bf16 vector measured wrong by up to 6.4)."
     ),
 )
 
@@ -135,12 +151,24 @@ def _row_max(x):
 
 
 @triton.jit
+def _pow2_scale(ds):
+    """Powers of two ``down = 2^-e``, ``up = 2^e`` (e >= 0) with ``max|ds| * down <= 2^14``: fp16 holds dS."""
+    amax = tl.reduce(tl.reduce(tl.abs(ds), 1, _max_combine), 0, _max_combine)
+    e = tl.ceil(tl.log2(tl.maximum(amax, 1.0))) - 14.0  # 2^14 target leaves room for an approximate log2
+    e = tl.minimum(tl.maximum(e, 0.0), 100.0).to(tl.int32)
+    down = ((127 - e) << 23).to(tl.float32, bitcast=True)
+    up = ((127 + e) << 23).to(tl.float32, bitcast=True)
+    return down, up
+
+
+@triton.jit
 def _tanh_parts(x):
     """tanh(x) and 1 - tanh(x)^2 in fp32, both accurate to a few ulps (see module docstring)."""
     ax = tl.abs(x)
     e = tl.exp(-2.0 * ax)
     big = (1.0 - e) / (1.0 + e)
-    y = x * x
+    xs = tl.minimum(ax, 0.5)  # the series is only used below 0.5: no overflow of x^2 for huge logits
+    y = xs * xs
     # Taylor coefficients of tanh(x) / x in x^2: 1, -1/3, 2/15, -17/315, ... 6404582/10854718875.
     p = 0.000590027440945586
     p = p * y - 0.0014558343870513183
@@ -151,7 +179,7 @@ def _tanh_parts(x):
     p = p * y + 0.13333333333333333
     p = p * y - 0.3333333333333333
     p = p * y + 1.0
-    small = ax * p
+    small = xs * p
     th = tl.where(ax < 0.5, small, big)
     th = tl.where(x < 0, -th, th)
     one_e = 1.0 + e
@@ -280,7 +308,7 @@ def _bwd_dkdv_kernel(
     sdkb, sdkn, sdkh, sdkd,
     sdvb, sdvn, sdvh, sdvd,
     Lq, Lk, Hq, Hkv, G, off, left, right, scale, softcap, Dk, Dv,
-    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, SCALE_DS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """dK, dV of one key tile of one kv head: all G query heads of the group, their visible query tiles."""
@@ -331,13 +359,17 @@ def _bwd_dkdv_kernel(
             qk = tl.dot(qt, tl.trans(kt), input_precision="ieee")  # [BLOCK_M, BLOCK_N]
             s, vis, sech2 = _scores(qk, offs_m, offs_n, Lq, Lk, off, left, right, scale, softcap, slope,
                                     SOFTCAP, ALIBI)
-            p = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
+            p = tl.exp(tl.where(vis, s, float("-inf")) - lse[:, None])  # masked lanes: exp(-inf) = 0, no inf
             dv_acc += tl.dot(tl.trans(p.to(dot.dtype)), dot, input_precision="ieee")
             dp = tl.dot(dot, tl.trans(vt), input_precision="ieee")
             ds = p * (dp - delta[:, None])
             if SOFTCAP:
                 ds = ds * sech2
-            dk_acc += tl.dot(tl.trans(ds.to(qt.dtype)), qt, input_precision="ieee")
+            if SCALE_DS:
+                down, up = _pow2_scale(ds)
+                dk_acc += tl.dot(tl.trans((ds * down).to(qt.dtype)), qt, input_precision="ieee") * up
+            else:
+                dk_acc += tl.dot(tl.trans(ds.to(qt.dtype)), qt, input_precision="ieee")
 
     dk_acc = dk_acc * scale
     tl.store(DK + b * sdkb + hk.to(tl.int64) * sdkh + cols64 * sdkn + offs_dk[None, :] * sdkd,
@@ -355,7 +387,7 @@ def _bwd_dq_kernel(
     sgb, sgm, sgh, sgd,
     sdqb, sdqm, sdqh, sdqd,
     Lq, Lk, Hq, G, off, left, right, scale, softcap, Dk, Dv,
-    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, SCALE_DS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """dQ of one query tile of one query head, over the key tiles it can see."""
@@ -403,12 +435,16 @@ def _bwd_dq_kernel(
         qk = tl.dot(qt, tl.trans(kt), input_precision="ieee")
         s, vis, sech2 = _scores(qk, offs_m, offs_n, Lq, Lk, off, left, right, scale, softcap, slope,
                                 SOFTCAP, ALIBI)
-        p = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
+        p = tl.exp(tl.where(vis, s, float("-inf")) - lse[:, None])  # masked lanes: exp(-inf) = 0, no inf
         dp = tl.dot(dot, tl.trans(vt), input_precision="ieee")
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
             ds = ds * sech2
-        dq_acc += tl.dot(ds.to(kt.dtype), kt, input_precision="ieee")
+        if SCALE_DS:
+            down, up = _pow2_scale(ds)
+            dq_acc += tl.dot((ds * down).to(kt.dtype), kt, input_precision="ieee") * up
+        else:
+            dq_acc += tl.dot(ds.to(kt.dtype), kt, input_precision="ieee")
 
     dq_acc = dq_acc * scale
     tl.store(DQ + b * sdqb + h.to(tl.int64) * sdqh + rows64 * sdqm + offs_dk[None, :] * sdqd,
@@ -486,13 +522,13 @@ def _backward(q, k, v, out, lse, slopes, g, g_lse, cfg: _Config):
         q, k, v, g, lse, delta, dk, dv, sl,
         *q.stride(), *k.stride(), *v.stride(), *g.stride(), *dk.stride(), *dv.stride(),
         cfg.lq, cfg.lk, cfg.hq, cfg.hkv, cfg.g, *cfg.common(),
-        **cfg.constexprs(), **cfg.opts,
+        **cfg.constexprs(), SCALE_DS=q.dtype == torch.float16, **cfg.opts,
     )
     _bwd_dq_kernel[grid_q](
         q, k, v, g, lse, delta, dq, sl,
         *q.stride(), *k.stride(), *v.stride(), *g.stride(), *dq.stride(),
         cfg.lq, cfg.lk, cfg.hq, cfg.g, *cfg.common(),
-        **cfg.constexprs(), **cfg.opts,
+        **cfg.constexprs(), SCALE_DS=q.dtype == torch.float16, **cfg.opts,
     )
     return dq, dk, dv
 
@@ -528,10 +564,14 @@ def _check_window(window) -> tuple[int | None, int | None] | None:
         return None
     if not isinstance(window, tuple | list) or len(window) != 2:
         raise ValueError(f"window must be None or a pair (left, right) of ints >= 0 or None, got {window!r}")
+    out = []
     for side, x in zip(("left", "right"), window, strict=True):
-        if x is not None and (isinstance(x, bool) or not isinstance(x, int) or x < 0):
-            raise ValueError(f"window {side} must be an int >= 0 or None (unbounded), got {x!r}")
-    return window[0], window[1]
+        if x is not None:
+            if isinstance(x, bool) or not hasattr(type(x), "__index__") or operator.index(x) < 0:
+                raise ValueError(f"window {side} must be an int >= 0 or None (unbounded), got {x!r}")
+            x = operator.index(x)
+        out.append(x)
+    return out[0], out[1]
 
 
 def _check_inputs(q, k, v, align, softcap, alibi_slopes) -> None:
