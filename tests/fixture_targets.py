@@ -6,6 +6,8 @@ metadata in ``fn.attnverify``, so the CLI needs no other flags.
 
 from __future__ import annotations
 
+import ctypes
+import os
 import time
 
 import numpy as np
@@ -102,6 +104,31 @@ def hangs_on_long(q, k, v, **kw):
     return _same_dtype(q, k, v, **kw)
 
 
+def segfaults(q, k, v, **kw):
+    """Reads address 0 when there are more than 4 keys: SIGSEGV."""
+    if k.shape[1] > 4:
+        ctypes.string_at(0)
+    return _same_dtype(q, k, v, **kw)
+
+
+def aborts(q, k, v, **kw):
+    """Calls abort() on causal calls: SIGABRT."""
+    if kw.get("causal"):
+        os.abort()
+    return _same_dtype(q, k, v, **kw)
+
+
+_calls = [0]
+
+
+def nondeterministic(q, k, v, **kw):
+    """Correct to within a few ulps, but never twice the same bits (a race in a reduction, say)."""
+    _calls[0] += 1
+    out = _same_dtype(q, k, v, **kw)
+    noise = np.random.default_rng(_calls[0]).integers(-1, 2, out.shape)
+    return np.nextafter(out, out + noise.astype(out.dtype)).astype(out.dtype) if out.dtype != np.float64 else out
+
+
 def slow(q, k, v, **kw):
     """Correct and slow: 50 ms a call (for interrupting a campaign mid-run)."""
     time.sleep(0.05)
@@ -122,7 +149,7 @@ def masked_rows_nan(q, k, v, **kw):
 
 
 for _fn in (crashes, hangs, wrong_shape, wrong_dtype, nan_output, inf_output, all_nan, flush_tiny, masked_rows_nan,
-            two_bugs, hangs_on_long, slow):
+            two_bugs, hangs_on_long, slow, segfaults, aborts, nondeterministic):
     _meta(_fn, ("mask", "bias", "causal", "gqa"))
 
 

@@ -131,17 +131,12 @@ def test_budget_is_split_over_the_dtypes_and_runs_until_spent(tmp_path):
 
 
 def test_after_a_timeout_later_calls_get_a_short_limit(tmp_path):
-    """A target hanging on long inputs: the first hang waits the full limit, later ones at most a few seconds."""
-    timeout = 5.0
-    t0 = time.monotonic()
+    """A target hanging on long inputs: the first hang waits the full limit, later ones a limit scaled to the case."""
     camp = fuzz.run(load("tests.fixture_targets:hangs_on_long"),
-                    _settings(tmp_path, dtypes=("fp32",), checks=("forward",), max_examples=25, timeout=timeout))
-    elapsed = time.monotonic() - t0
+                    _settings(tmp_path, dtypes=("fp32",), checks=("forward",), max_examples=25, timeout=5.0))
     assert [f.category for f in camp.findings] == ["timeout"]
-    stats = camp.stats.to_json()["counts"]["Lk"]
-    hangs = sum(n for bucket, n in stats.items() if int(bucket.split("-")[-1]) > 16)
-    assert hangs >= 3, stats  # several calls hung ...
-    assert elapsed < timeout + hangs * (fuzz.SHORT_TIMEOUT_MIN + 0.5) + 10  # ... but only the first waited 5 s
+    assert len(camp.timeouts) >= 3 and camp.timeouts[0] == 5.0, camp.timeouts
+    assert all(limit == fuzz.SHORT_TIMEOUT_MIN for limit in camp.timeouts[1:]), camp.timeouts  # tiny cases: the floor
 
 
 def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:

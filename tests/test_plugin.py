@@ -32,7 +32,7 @@ def test_plugin_gates_a_kernel_in_the_repository_root(tmp_path):
                   "--attnverify-checks=forward", "--attnverify-max-examples=100",
                   f"--attnverify-repro-dir={tmp_path / 'f'}", f"--junitxml={junit}")
     assert res.returncode == 1, res.stdout + res.stderr
-    assert "collected 2 items" in res.stdout
+    assert "collected 2 items" in res.stdout  # one check, two dtypes
     assert "FAIL forward" in res.stdout and "attnverify repro" in res.stdout
     assert 'failures="2"' in junit.read_text() and 'tests="2"' in junit.read_text()
 
@@ -42,7 +42,7 @@ def test_plugin_items_are_selectable_and_listed(tmp_path):
     res = _pytest(tmp_path, "--attnverify-target=mykernels:attention", "--collect-only", "-q", "-k", "fp16")
     assert res.returncode == 0, res.stdout + res.stderr
     listed = [line for line in res.stdout.splitlines() if "::" in line]
-    assert listed == ["attnverify[mykernels:attention]::fp16-forward", "attnverify[mykernels:attention]::fp16-grad"]
+    assert listed == [f"attnverify[mykernels:attention]::fp16-{c}" for c in ("forward", "grad", "determinism")]
 
 
 def test_plugin_import_error_is_one_line(tmp_path):

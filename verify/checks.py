@@ -12,7 +12,10 @@ categories (``verify.findings.CATEGORIES``):
 - ``masked-row``: a fully masked row that breaks the declared policy (output, or ``dq``);
 - ``shape`` / ``dtype``: wrong output shape or dtype; ``crash``: the target raised (or its
   process died); ``timeout``: a call ran past its limit. A failing pass ends the case: a crash is
-  reported once per case, not once per check.
+  reported once per case, not once per check;
+- ``nondeterministic`` (the ``determinism`` check): the same case run twice gave results that are
+  not bitwise equal (races in split-K reductions and atomics show up this way); a target declared
+  ``nondeterministic`` is only held to a run-to-run difference within the allowance.
 
 ``compare`` is the one comparison of a result array with its exact value: the fuzz checks build
 findings from it and the accuracy report its per-cell figures. A target that declines a case
@@ -31,11 +34,11 @@ import numpy as np
 from oracles import naive, spec
 from verify import reference, tolerance
 from verify.case import Case
-from verify.execution import Calls, InProcess
+from verify.execution import REPEAT, Calls, InProcess
 from verify.findings import Finding
 from verify.targets.base import Adapter, TargetInfo
 
-CHECKS = ("forward", "grad")
+CHECKS = ("forward", "grad", "determinism")
 DEFAULT_TIMEOUT = 120.0  # seconds per target call
 
 
@@ -94,6 +97,7 @@ class Outcome:
     declined: str | None = None  # why the target raised Unsupported for this case
     reference: str = ""  # which reference decided the exact values
     unconstrained_rows: int = 0  # rows whose logit error makes any answer acceptable (tolerance model)
+    timed_out: bool = False  # a call ran past its limit
 
 
 class _Findings:
@@ -127,6 +131,29 @@ class _Findings:
         if name != dtype:
             self.add("dtype", check, output, detail=f"{output} has dtype {name}, expected {dtype}")
         return True
+
+    def repeat(self, name: str, first: np.ndarray, second: np.ndarray, allow: np.ndarray) -> None:
+        """A ``nondeterministic`` finding when a second run of the case gave other bits (or, for a target
+        declared nondeterministic, a difference beyond the allowance)."""
+        a, b = np.asarray(first).astype(np.float64), np.asarray(second).astype(np.float64)
+        if a.shape != b.shape:
+            self.add("nondeterministic", "determinism", name, detail=f"{name} has shape {list(b.shape)} on the "
+                     f"second run, {list(a.shape)} on the first")
+            return
+        with np.errstate(invalid="ignore"):
+            diff = np.abs(a - b)
+            differs = ~((a == b) | (np.isnan(a) & np.isnan(b)))
+            if self.info.nondeterministic:
+                differs &= ~(diff <= allow)
+        if not differs.any():
+            return
+        idx = np.unravel_index(int(np.argmax(np.where(differs, np.nan_to_num(diff, nan=np.inf), -1.0))), a.shape)
+        how = "beyond the allowance (the target is declared nondeterministic)" if self.info.nondeterministic else \
+            "bitwise: the same case, run twice, gave other results"
+        self.add("nondeterministic", "determinism", name, count=int(differs.sum()), total=int(differs.size),
+                 index=tuple(int(i) for i in idx), got=float(b[idx]), exact=float(a[idx]),
+                 allowance=float(allow[idx]), ratio=float(diff[idx] / allow[idx]) if allow[idx] > 0 else None,
+                 detail=f"{name} differs {how}; 'exact' here is the first run's value")
 
     def empty_rows(self, got: np.ndarray, want: np.ndarray, att: spec.Attention) -> None:
         """lse of rows with no visible key (the declared convention) and of +inf-sink rows (+inf)."""
@@ -211,8 +238,11 @@ def _masked_rows(case: Case, masked_rows: str) -> np.ndarray:
 
 
 def passes_for(info: TargetInfo, case: Case, checks: tuple[str, ...]) -> tuple[str, ...]:
-    """The target passes ``checks`` need for ``case``: forward, and grad when declared and a cotangent exists."""
-    return tuple(p for p in checks if p == "forward" or ("grad" in info.features and case.g is not None))
+    """The target passes ``checks`` need for ``case``: forward, grad when declared and a cotangent exists, and
+    both once more for ``determinism``."""
+    passes = tuple(p for p in ("forward", "grad") if p in checks and (
+        p == "forward" or ("grad" in info.features and case.g is not None)))
+    return passes + tuple(p + REPEAT for p in passes) if "determinism" in checks else passes
 
 
 def run_case(target: Adapter | InProcess, case: Case, *, checks: tuple[str, ...] = CHECKS, policy: str = "bound",
@@ -226,11 +256,19 @@ def run_case(target: Adapter | InProcess, case: Case, *, checks: tuple[str, ...]
     executor = InProcess(target) if isinstance(target, Adapter) else target
     info = executor.info
     passes = passes_for(info, case, checks)
+    overlap = hasattr(executor, "submit")  # a worker process runs the target while the reference is computed
+    if overlap:
+        executor.submit(case, passes)
     t0 = time.perf_counter()
-    truth = reference.exact(case, info.masked_rows, "grad" in passes)
-    allow = tolerance.allowance(case, info.contract, truth, info.masked_rows, policy)
+    try:
+        truth = reference.exact(case, info.masked_rows, any(p.startswith("grad") for p in passes))
+        allow = tolerance.allowance(case, info.contract, truth, info.masked_rows, policy)
+    except BaseException:
+        if overlap:
+            executor.close()  # its answer to this case would be read as the next case's
+        raise
     t1 = time.perf_counter()
-    calls = executor.run(case, passes, timeout)
+    calls = executor.collect(timeout) if overlap else executor.run(case, passes, timeout)
     out = judge(info, case, truth, allow, calls)
     out.seconds = {"reference": t1 - t0, "target": calls.seconds}
     return out
@@ -268,5 +306,8 @@ def judge(info: TargetInfo, case: Case, truth: reference.Exact, allow: tolerance
                       "fp32" if name == "lse" else case.dtype, rows)
         ratios[name] = cmp.worst_ratio
         fs.values(check, cmp, scale)
+        if name in calls.again:
+            fs.repeat(name, got, calls.again[name], allowed)
     return Outcome(fs.found, ratios, declined=calls.declined, reference=truth.reference,
-                   unconstrained_rows=allow.unconstrained_rows)
+                   unconstrained_rows=allow.unconstrained_rows,
+                   timed_out=any(f.kind == "timeout" for f in calls.failures.values()))

@@ -3,8 +3,9 @@
 An executor runs the forward pass (``adapter.forward``) and the gradient pass (``adapter.vjp``) of
 one case under a time limit and reports ``Calls``: arrays, or a ``CallFailure`` per pass
 (``raised``, ``timeout``, ``crash`` of the process running it, ``declined`` when the target raised
-``Unsupported``). Nothing a target does -- raising, hanging, returning garbage -- escapes as an
-exception of the harness.
+``Unsupported``). A pass named ``forward#2`` / ``grad#2`` runs the same pass again, for the
+determinism check (``Calls.again``). Nothing a target does -- raising, hanging, returning garbage
+-- escapes as an exception of the harness.
 
 ``InProcess`` runs in this process, each call in a daemon thread joined with a timeout: cheap, but
 a hung call leaves its thread behind and a segfault of the target ends the process. Checks only see
@@ -26,6 +27,17 @@ from verify.targets.base import Adapter, TargetInfo, Unsupported
 from verify.targets.loader import TargetSpec
 
 PASSES = ("forward", "grad")
+REPEAT = "#2"  # suffix of a pass run a second time
+
+
+def base_pass(name: str) -> str:
+    """``forward`` for ``forward`` and ``forward#2``."""
+    return name.removesuffix(REPEAT)
+
+
+def call_pass(adapter: Adapter, case: Case, name: str) -> object:
+    """Run one pass of ``case``: an ``Output`` for forward, a gradient dict for grad."""
+    return adapter.forward(case) if base_pass(name) == "forward" else adapter.vjp(case)
 
 
 @dataclass
@@ -47,8 +59,19 @@ class Calls:
     out: np.ndarray | None = None
     lse: np.ndarray | None = None
     grads: dict[str, np.ndarray] | None = None
-    failures: dict[str, CallFailure] = field(default_factory=dict)  # by pass
+    failures: dict[str, CallFailure] = field(default_factory=dict)  # by pass (forward, grad)
     seconds: float = 0.0
+    again: dict[str, np.ndarray] = field(default_factory=dict)  # the repeated passes' arrays: out, lse, dq, ...
+
+    def record(self, name: str, value: object) -> None:
+        """Keep what pass ``name`` returned (a repeated pass's arrays go to ``again``)."""
+        if name.endswith(REPEAT):
+            arrays = {"out": value.out, "lse": value.lse} if base_pass(name) == "forward" else value
+            self.again.update({k: v for k, v in arrays.items() if v is not None})
+        elif name == "forward":
+            self.out, self.lse = value
+        else:
+            self.grads = value
 
     @property
     def declined(self) -> str | None:
@@ -97,18 +120,14 @@ def run_passes(adapter: Adapter, case: Case, passes: tuple[str, ...],
     calls = Calls()
     t0 = time.perf_counter()
     for name in passes:
-        fn = (lambda: adapter.forward(case)) if name == "forward" else (lambda: adapter.vjp(case))
         try:
-            value = call(fn)
+            value = call(lambda name=name: call_pass(adapter, case, name))
         except TargetTimeout as exc:
-            calls.failures[name] = CallFailure("timeout", str(exc))
+            calls.failures.setdefault(base_pass(name), CallFailure("timeout", str(exc)))
         except Exception as exc:  # noqa: BLE001 - a target's exception is a result, not a harness error
-            calls.failures[name] = failure_of(exc)
+            calls.failures.setdefault(base_pass(name), failure_of(exc))
         else:
-            if name == "forward":
-                calls.out, calls.lse = value
-            else:
-                calls.grads = value
+            calls.record(name, value)
             continue
         break  # a pass that failed makes the next one meaningless (a crash is reported once per case)
     calls.seconds = time.perf_counter() - t0

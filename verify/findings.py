@@ -13,10 +13,11 @@ import math
 from dataclasses import asdict, dataclass, field
 
 CATEGORIES = ("forward", "grad", "overflow", "nan", "underflow", "masked-row", "shape", "dtype", "crash",
-              "timeout")
+              "timeout", "nondeterministic")
 NONFINITE = ("overflow", "nan")  # a non-finite result where the exact value is finite
 _WHAT = {"overflow": "±inf where the exact value is finite", "nan": "NaN where the exact value is finite",
-         "underflow": "returned as 0 or subnormal beyond the allowance", "masked-row": "break the masked-row policy"}
+         "underflow": "returned as 0 or subnormal beyond the allowance", "masked-row": "break the masked-row policy",
+         "nondeterministic": "differ between two runs of the same case"}
 
 
 @dataclass
@@ -24,7 +25,7 @@ class Finding:
     """One defect of one target on one case."""
 
     category: str
-    check: str  # "forward" or "grad": the pass that found it
+    check: str  # "forward", "grad" or "determinism": the check that found it
     target: str
     dtype: str
     family: str

@@ -39,12 +39,14 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.database import DirectoryBasedExampleDatabase
+from hypothesis.errors import Flaky
 
 from verify import compat, strategies
 from verify.case import Case, case_files
 from verify.checks import CHECKS, DEFAULT_TIMEOUT, Outcome, passes_for, run_case
 from verify.execution import InProcess
 from verify.findings import Finding
+from verify.isolation import Worker
 from verify.stats import Stats
 from verify.targets.base import DEFAULT_DTYPES, Adapter, TargetInfo
 from verify.targets.layouts import LAYOUTS
@@ -93,6 +95,7 @@ class Settings:
     families: tuple[str, ...] = strategies.FAMILIES
     compact: bool | None = None  # shape buckets (strategies.COMPACT_SHAPES); None: for JAX targets only
     mask_kinds: tuple[str, ...] = strategies.MASK_KINDS
+    isolate: bool = True  # run a loadable target in a worker process (verify.isolation); False: --in-process
 
     def examples_cap(self) -> int | None:
         """Target runs per dtype (None: until the budget)."""
@@ -121,6 +124,7 @@ class Campaign:
     references: dict[str, int] = field(default_factory=dict)  # which reference decided, cases
     stats: Stats = field(default_factory=Stats)
     case_sequence: str = ""  # a digest chained over every case run, in order: equal runs drew equal cases
+    timeouts: list[float] = field(default_factory=list)  # the limit each timed-out call ran under, in order
 
     @property
     def incomplete(self) -> list[str]:
@@ -144,6 +148,7 @@ class Campaign:
             "references": self.references,
             "stats": self.stats.to_json(),
             "case_sequence": self.case_sequence,
+            "timeouts": self.timeouts,
             "findings": [f.to_json() for f in self.findings],
             "unshrunk_findings": [f.to_json() for f in self.provisional],
         }
@@ -167,7 +172,7 @@ def slug(f: Finding, case: Case) -> str:
     return f"{name}-{f.category}-{f.output}-{f.dtype}-{case.digest()[:8]}"
 
 
-def save_findings(executor: InProcess, case: Case, findings: list[Finding], sett: Settings) -> None:
+def save_findings(executor: InProcess | Worker, case: Case, findings: list[Finding], sett: Settings) -> None:
     """Write one case file per finding (its own stem) into ``sett.repro_dir`` and set ``case_file``.
 
     The file pins the target's resolved declarations (features, policy, contract), so a replay judges
@@ -212,9 +217,10 @@ class _Limits:
             return self.timeout
         return min(self.timeout, max(SHORT_TIMEOUT_MIN, 10 * self.rate * self.work(case)))
 
-    def record(self, case: Case, out: Outcome) -> None:
-        if any(f.category == "timeout" for f in out.findings):
+    def record(self, case: Case, out: Outcome, limit: float, log: list[float]) -> None:
+        if out.timed_out:
             self.short = True
+            log.append(limit)
         elif out.seconds.get("target"):
             self.rate = max(self.rate, out.seconds["target"] / self.work(case))
 
@@ -223,16 +229,32 @@ def _sigterm(signum: int, _frame: object) -> None:
     raise Interrupted(signum)
 
 
-def run(target: Adapter | InProcess, sett: Settings, on_finding: Callable[[Finding], None] | None = None,
+def executor_for(adapter: Adapter, isolate: bool) -> InProcess | Worker:
+    """A worker process for a loadable target when ``isolate``, else this process."""
+    return Worker(adapter.target, adapter.info) if isolate and adapter.target is not None else InProcess(adapter)
+
+
+def run(target: Adapter | InProcess | Worker, sett: Settings, on_finding: Callable[[Finding], None] | None = None,
         json_path: Path | None = None, on_progress: Callable[[Campaign, str], None] | None = None) -> Campaign:
     """Fuzz ``target`` under ``sett``; findings are saved as they come and the campaign returned.
 
-    ``target`` is an adapter (run in this process) or an executor of ``verify.execution``.
+    ``target`` is an adapter (run in a worker process when ``sett.isolate`` and the adapter can be
+    loaded again, else in this one) or an executor of ``verify.execution`` / ``verify.isolation``.
     ``on_progress(campaign, dtype)`` is called after every example.
     """
-    executor = InProcess(target) if isinstance(target, Adapter) else target
+    own = isinstance(target, Adapter)
+    executor = executor_for(target, sett.isolate) if own else target
+    try:
+        return _run(executor, sett, on_finding, json_path, on_progress)
+    finally:
+        if own:
+            executor.close()
+
+
+def _run(executor: InProcess | Worker, sett: Settings, on_finding: Callable[[Finding], None] | None,
+         json_path: Path | None, on_progress: Callable[[Campaign, str], None] | None) -> Campaign:
     info = executor.info
-    checks = [c for c in sett.checks if c == "forward" or "grad" in info.features]
+    checks = [c for c in sett.checks if c != "grad" or "grad" in info.features]
     camp = Campaign(info.name, {k: str(v) if isinstance(v, Path) else v for k, v in asdict(sett).items()},
                     checks, info.unexercised())
     db = DirectoryBasedExampleDatabase(str(sett.database)) if sett.database else None
@@ -265,8 +287,15 @@ def run(target: Adapter | InProcess, sett: Settings, on_finding: Callable[[Findi
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        for path in case_files(in_flight(sett, info)):
+            path.unlink(missing_ok=True)
         flush()
     return camp
+
+
+def in_flight(sett: Settings, info: TargetInfo) -> Path:
+    """Where the case being run is written before each call: left behind if the machine dies with it."""
+    return sett.repro_dir / f".in-flight-{re.sub(r'[^A-Za-z0-9_-]+', '_', info.name)[:60]}"
 
 
 def _main_thread() -> bool:
@@ -282,6 +311,7 @@ class _Search:
         self.deadline, self.on_finding, self.on_progress, self.flush = deadline, on_finding, on_progress, flush
         self.found: set[str] = set()
         self.limits = _Limits(sett.timeout)
+        self.in_flight = in_flight(sett, executor.info)
         info = executor.info
         self.strategy = strategies.cases(
             dtypes=(dtype,), features=info.features, grad="grad" in camp.checks, max_len=sett.max_len,
@@ -303,6 +333,10 @@ class _Search:
                 return "max_examples" if done else "exhausted"  # exhausted: Hypothesis had nothing left to try
             except _NewFinding:
                 self._record(current)
+            except Flaky:  # the finding did not show again on Hypothesis's replay: keep it, and say so
+                for f in current.get("findings", []):
+                    f.detail = (f.detail + "; " if f.detail else "") + "flaky: the replay of this case did not fail"
+                self._record(current)
             except _Stop as stop:
                 if current:  # a search stopped while shrinking keeps its best case so far
                     self._record(current)
@@ -322,8 +356,10 @@ class _Search:
             if cap is not None and camp.examples[dtype] >= cap:
                 raise _Stop("max_examples")
             camp.examples[dtype] += 1
-            out = run_case(self.executor, case, checks=tuple(camp.checks), policy=self.sett.policy,
-                           timeout=self.limits.limit(case))
+            case.save(self.in_flight)
+            limit = self.limits.limit(case)
+            out = run_case(self.executor, case, checks=tuple(camp.checks), policy=self.sett.policy, timeout=limit)
+            self.limits.record(case, out, limit, camp.timeouts)
             self._account(case, out)
             new = [f for f in out.findings if f.category not in self.found]
             if self.on_progress:
@@ -355,7 +391,6 @@ class _Search:
 
     def _account(self, case: Case, out: Outcome) -> None:
         camp, dtype = self.camp, self.dtype
-        self.limits.record(case, out)
         if out.declined:
             reasons = camp.declined.setdefault(dtype, {})
             reasons[out.declined] = reasons.get(out.declined, 0) + 1

@@ -52,6 +52,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--attnverify-repro-dir", default=str(S.repro_dir))
     g.addoption("--attnverify-database", default=str(S.database), help="Hypothesis example database ('' : none)")
     g.addoption("--attnverify-json", help="directory for each item's campaign JSON")
+    g.addoption("--attnverify-in-process", action="store_true", help="run the target in pytest's process")
 
 
 def _spec(config: pytest.Config) -> TargetSpec:
@@ -111,7 +112,8 @@ class AttnverifyItem(pytest.Item):
             dtypes=(self.dtype,), checks=(self.check,), seed=seed,
             max_examples=opt("attnverify_max_examples") or profile["max_examples"],
             policy=opt("attnverify_tolerance"), timeout=opt("attnverify_timeout"), max_len=opt("attnverify_max_len"),
-            database=Path(database) if database else None, repro_dir=Path(opt("attnverify_repro_dir")))
+            database=Path(database) if database else None, repro_dir=Path(opt("attnverify_repro_dir")),
+            isolate=not opt("attnverify_in_process"))
         json_dir = opt("attnverify_json")
         json_path = Path(json_dir) / f"{self.dtype}-{self.check}.json" if json_dir else None
         camp = fuzz.run(adapter, sett, json_path=json_path)

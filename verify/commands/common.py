@@ -54,10 +54,10 @@ def add_target_arguments(p: argparse.ArgumentParser, required: bool = True) -> N
         dest = _DECLARED + opt.field
         if opt.kind == "bool":
             p.add_argument(f"--{opt.flag}", dest=dest, action=argparse.BooleanOptionalAction, default=None,
-                           help=opt.help)
+                           help=opt.help.replace("%", "%%"))
         else:
             p.add_argument(f"--{opt.flag}", dest=dest, type=csv if opt.kind == "csv" else str,
-                           choices=opt.choices, help=opt.help)
+                           choices=opt.choices, help=opt.help.replace("%", "%%"))
 
 
 def target_spec(args: argparse.Namespace) -> TargetSpec:

@@ -40,6 +40,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repro-dir", default=str(default(S, "repro_dir")), help="where case files of findings go")
     p.add_argument("--database", default=str(default(S, "database")), help="Hypothesis example database")
     p.add_argument("--no-database", action="store_true")
+    p.add_argument("--in-process", action="store_true", help="run the target in this process (faster; a "
+                   "segfault or abort of the target then ends the campaign)")
     p.add_argument("--stats", action="store_true", help="print what was generated (shapes, chunks, masks, ...)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
@@ -67,7 +69,7 @@ def settings_from(args: argparse.Namespace) -> fuzz.Settings:
         dtypes=tuple(spec.dtype_name(d) for d in args.dtypes), checks=tuple(args.checks),
         max_examples=args.max_examples, budget=args.budget, seed=args.seed, policy=args.tolerance,
         timeout=args.timeout, database=None if args.no_database else Path(args.database),
-        repro_dir=Path(args.repro_dir), max_len=args.max_len, **extra)
+        repro_dir=Path(args.repro_dir), max_len=args.max_len, isolate=not args.in_process, **extra)
 
 
 class Progress:

@@ -1,0 +1,65 @@
+"""Every subcommand answers --help and does one small real run; the main job's outputs do not change on a rerun."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from verify import bundled
+from verify.commands import COMMANDS, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_help(command: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: attnverify {command}")
+
+
+def test_no_command_is_a_one_line_usage_error(capsys: pytest.CaptureFixture) -> None:
+    assert main([]) == 2
+    assert capsys.readouterr().err.strip() == "attnverify: error: give a command: " + ", ".join(COMMANDS)
+
+
+def test_small_real_runs(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    assert main(["demo"]) == 0
+    assert main(["targets", "--target", "tests.fixture_targets:reference"]) == 0
+    js = tmp_path / "camp.json"
+    assert main(["fuzz", "--target", "tests.fixture_targets:two_bugs", "--dtypes", "fp32", "--checks", "forward",
+                 "--max-examples", "30", "--no-database", "--repro-dir", str(tmp_path / "f"), "--json", str(js),
+                 "--quiet"]) == 1
+    case = json.loads(js.read_text())["findings"][0]["case_file"]
+    assert main(["repro", case]) == 1
+    assert main(["report", "--target", "chunked-torch", "--out", str(tmp_path / "r"), "--dtypes", "fp32",
+                 "--lengths", "8", "--query-chunks", "8", "--key-chunks", "4", "--families", "normal", "--masks",
+                 "none", "--seeds", "1", "--workers", "1", "--findings", str(js), "--quiet"]) == 0
+    assert "Findings of the fuzz campaign" in (tmp_path / "r" / "report.md").read_text()
+    assert main(["memory", "--target", "chunked-jax", "--lengths", "256", "--policies", "64x64", "--reference",
+                 "none", "--query-chunks", "64", "--key-chunks", "32,64,128,256", "--out", str(tmp_path / "m")]) == 0
+    out = capsys.readouterr().out
+    assert "FAIL crash" in out and "report chunked-torch" in out and "memory.md" in out
+
+
+def test_bundled_writes_reproducible_outputs(tmp_path: Path) -> None:
+    """Rerun with its own outputs committed (as on a fresh clone), the main job changes only timings.json."""
+    out = tmp_path / "reports"
+    sett = bundled.Settings(out=out, targets=("chunked-torch",), max_examples=4, workers=2)
+
+    def files() -> dict[str, bytes]:
+        paths = (p for p in out.rglob("*") if p.is_file() and "cells" not in p.parts)
+        return {str(p.relative_to(out)): p.read_bytes() for p in paths}
+
+    assert bundled.run(sett) == 0  # the first outputs: what a repository commits
+    assert bundled.run(sett) == 0  # gated against them
+    before = files()
+    assert bundled.run(sett) == 0
+    after = files()
+    assert sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p)) == ["timings.json"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["targets"][0]["report"]["baseline"] == "gated" and summary["failures"] == []
