@@ -121,6 +121,8 @@ class Result:
     logit_error: np.ndarray
     reliable_tol: float = RELIABLE_LOGIT_ERROR
     dtype: str = "fp64"
+    p: np.ndarray | None = None  # [B, Hq, Lq, Lk] the probabilities (in the accumulate dtype's values)
+    p_sink: np.ndarray | None = None  # [B, Hq, Lq] the sink's probability, with sinks
 
     @property
     def reliable(self) -> np.ndarray:
@@ -142,6 +144,8 @@ class Grads:
     reliable_tol: float = RELIABLE_LOGIT_ERROR
     dtype: str = "fp64"
     dsinks: np.ndarray | None = None  # [Hq], with sinks
+    p: np.ndarray | None = None  # [B, Hq, Lq, Lk] the probabilities (in the accumulate dtype's values)
+    p_sink: np.ndarray | None = None  # [B, Hq, Lq] the sink's probability, with sinks
 
     @property
     def reliable(self) -> np.ndarray:
@@ -442,9 +446,13 @@ def attention(
     )
     ar = _arith(dtype, accumulate, round_logits, round_probs)
     f = _forward(att, ar)
-    res = Result(f.out, f.lse, f.logit_error, float(reliable_tol), ar.name)
+    res = Result(f.out, f.lse, f.logit_error, float(reliable_tol), ar.name, f.p, _sink_probs(f))
     _check(res, strict, "attention")
     return res
+
+
+def _sink_probs(f: _Fwd) -> np.ndarray | None:
+    return None if f.p_sink is None else f.p_sink[..., 0]
 
 
 def _softcap_backward(att: spec.Attention, ar: _Arith, f: _Fwd, ds: np.ndarray) -> np.ndarray:
@@ -555,6 +563,8 @@ def attention_vjp(
         float(reliable_tol),
         ar.name,
         dsinks,
+        f.p,
+        _sink_probs(f),
     )
     _check(res, strict, "attention_vjp")
     return res

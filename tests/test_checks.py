@@ -119,7 +119,7 @@ def test_finding_message_reads_in_allowances_and_ulps():
     assert out.findings == []
     # Perturb the reference by a known amount: 10x the allowance of one element.
     case = _case(g=False)
-    exact = reference.exact(case, "zeros", grad=False)
+    exact = reference.mp_values(case, "zeros", grad=False)
     allow = tolerance.bound(case, Contract(), exact.p)
     bumped = exact.out + 10 * allow.out * (np.arange(exact.out.size).reshape(exact.out.shape) == 3)
 
@@ -133,13 +133,13 @@ def test_finding_message_reads_in_allowances_and_ulps():
     assert 9 < f.ratio < 11
     msg = f.message()
     assert "× allowance" in msg and "ulp" in msg and "·u·A with u = 2^-24" in msg
-    assert "a plain fp32 implementation (accumulate fp32" in msg and "exact values: mp" in msg
+    assert "a plain fp32 implementation (accumulate fp32" in msg and "exact values: naive64 (float64" in msg
 
 
 def test_bound_covers_fp32_statistics_and_is_not_vacuous():
     """The allowance of a correct fp32-statistics kernel is a few u*A, not a blanket tolerance."""
     case = _case("bf16")
-    exact = reference.exact(case, "zeros", grad=True)
+    exact = reference.mp_values(case, "zeros", grad=True)
     allow = tolerance.bound(case, Contract(round_probs=False), exact.p)
     a = mp.attention(case.q, case.k, np.abs(case.v)).out
     ratio = allow.out / (allow.u * a)

@@ -1,6 +1,7 @@
 """Checks: run a target on a case, compare with the exact answer, and name what is wrong.
 
-``run_case`` computes the exact values (``verify.reference``), the allowance (``verify.tolerance``),
+``run_case`` decides the exact values and the allowance (``verify.truth``: a certified float64 reference,
+or the mp oracle; ``verify.tolerance``),
 runs the target's passes through an executor (``verify.execution``) and returns findings in named
 categories (``verify.findings.CATEGORIES``):
 
@@ -32,11 +33,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from oracles import naive, spec
-from verify import reference, tolerance
+from verify import tolerance
 from verify.case import Case
 from verify.execution import REPEAT, Calls, InProcess
 from verify.findings import Finding
+from verify.reference import Exact
 from verify.targets.base import Adapter, TargetInfo
+from verify.truth import decide
 
 CHECKS = ("forward", "grad", "determinism")
 DEFAULT_TIMEOUT = 120.0  # seconds per target call
@@ -103,7 +106,7 @@ class Outcome:
 class _Findings:
     """Builds the findings of one case."""
 
-    def __init__(self, info: TargetInfo, case: Case, truth: reference.Exact, allow: tolerance.Allowance) -> None:
+    def __init__(self, info: TargetInfo, case: Case, truth: Exact, allow: tolerance.Allowance) -> None:
         self.info, self.case, self.truth, self.allow = info, case, truth, allow
         self.found: list[Finding] = []
         self._plain: dict[str, np.ndarray] | None = None
@@ -261,8 +264,8 @@ def run_case(target: Adapter | InProcess, case: Case, *, checks: tuple[str, ...]
         executor.submit(case, passes)
     t0 = time.perf_counter()
     try:
-        truth = reference.exact(case, info.masked_rows, any(p.startswith("grad") for p in passes))
-        allow = tolerance.allowance(case, info.contract, truth, info.masked_rows, policy)
+        decided = decide(case, info, any(p.startswith("grad") for p in passes), policy)
+        truth, allow = decided.exact, decided.allow
     except BaseException:
         if overlap:
             executor.close()  # its answer to this case would be read as the next case's
@@ -274,7 +277,7 @@ def run_case(target: Adapter | InProcess, case: Case, *, checks: tuple[str, ...]
     return out
 
 
-def judge(info: TargetInfo, case: Case, truth: reference.Exact, allow: tolerance.Allowance, calls: Calls) -> Outcome:
+def judge(info: TargetInfo, case: Case, truth: Exact, allow: tolerance.Allowance, calls: Calls) -> Outcome:
     """Findings and worst ratios of one case's ``calls`` against ``truth`` under ``allow``."""
     fs = _Findings(info, case, truth, allow)
     ratios: dict[str, float | None] = {}

@@ -14,7 +14,9 @@ from dataclasses import asdict, dataclass, field
 
 CATEGORIES = ("forward", "grad", "overflow", "nan", "underflow", "masked-row", "shape", "dtype", "crash",
               "timeout", "nondeterministic")
-NONFINITE = ("overflow", "nan")  # a non-finite result where the exact value is finite
+NONFINITE = ("overflow", "nan")
+_REFERENCES = {"mp": "the mpmath oracle", "naive64": "float64 naive reference, certified: its error is below 1/64 "
+               "of the allowance"}  # a non-finite result where the exact value is finite
 _WHAT = {"overflow": "±inf where the exact value is finite", "nan": "NaN where the exact value is finite",
          "underflow": "returned as 0 or subnormal beyond the allowance", "masked-row": "break the masked-row policy",
          "nondeterministic": "differ between two runs of the same case"}
@@ -92,7 +94,7 @@ class Finding:
         if self.detail:
             lines.append(f"  {self.detail}")
         if self.reference:
-            lines.append(f"  exact values: {self.reference}")
+            lines.append(f"  exact values: {self.reference} ({_REFERENCES.get(self.reference, '')})")
         if self.case_file:
             lines.append(f"  replay: attnverify repro {self.case_file}")
         return "\n".join(lines)

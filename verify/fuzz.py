@@ -334,11 +334,13 @@ class _Search:
             except _NewFinding:
                 self._record(current)
             except Flaky:  # the finding did not show again on Hypothesis's replay: keep it, and say so
-                for f in current.get("findings", []):
+                if "findings" not in current:
+                    raise
+                for f in current["findings"]:
                     f.detail = (f.detail + "; " if f.detail else "") + "flaky: the replay of this case did not fail"
                 self._record(current)
             except _Stop as stop:
-                if current:  # a search stopped while shrinking keeps its best case so far
+                if "findings" in current:  # a search stopped while shrinking keeps its best case so far
                     self._record(current)
                 return stop.why
             except KeyboardInterrupt:

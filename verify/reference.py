@@ -1,9 +1,10 @@
-"""The exact answer for a case: forward values, probabilities and gradients, and which reference decided.
+"""The exact values of a case from either reference: the mp oracle, or the float64 naive reference.
 
-One function, ``exact``, gives every consumer (fuzz checks, accuracy sweeps, ``repro``) the same
-truth and says which reference decided it (``Exact.reference``): the mp oracle (``"mp"``), or for
-long sequences the float64 naive reference where it vouches for every row (``"naive64"``). The
-probabilities ``p`` feed the tolerance model's absolute-value scales.
+``mp_values`` runs ``oracles.mp`` (exact up to its precision, slow: seconds at L = 256);
+``naive64_values`` runs ``oracles.naive`` in float64 (milliseconds at L = 2048, accurate to about
+2^-53 of the absolute-value scales, not exact). Both return an ``Exact``: outputs, lse,
+probabilities and, with a cotangent, gradients. Which one may decide a case is ``verify.truth``'s
+business: it certifies the float64 values against the allowance.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from oracles import mp, naive, spec
+from oracles import mp, naive
 from verify.case import Case
 
 
@@ -24,46 +25,30 @@ class Exact:
     lse: np.ndarray
     p: np.ndarray  # [B, Hq, Lq, Lk], 0 for invisible keys
     grads: dict[str, np.ndarray] | None = None
-    reference: str = "mp"  # which reference decided: "mp" or "naive64"
+    reference: str = "mp"  # which reference computed them: "mp" or "naive64"
     p_sink: np.ndarray | None = None  # [B, Hq, Lq]: the sink's probability, with sinks
-
-
-def _probs64(case: Case, masked_rows: str) -> np.ndarray:
-    """Float64 softmax probabilities [B, Hq, Lq, Lk] (0 on masked rows), for cases without softcap, ALiBi, sinks."""
-    att = spec.normalize(case.q, case.k, case.v, masked_rows=masked_rows, **case.semantics())
-    q = spec.to_heads_first(att.q.astype(np.float64))
-    k = spec.to_heads_first(att.k.astype(np.float64))[:, att.kv_head]
-    s = att.scale_float() * (q @ np.swapaxes(k, -1, -2))
-    if att.bias is not None:
-        s = s + np.where(att.visible, att.bias.astype(np.float64), 0.0)
-    s = np.where(att.visible, s, -np.inf)
-    m = s.max(-1, keepdims=True)
-    e = np.exp(s - np.where(np.isfinite(m), m, 0.0))
-    total = e.sum(-1, keepdims=True)
-    return np.where(total > 0, e / np.where(total > 0, total, 1.0), 0.0)
 
 
 def _grads(res: object) -> dict[str, np.ndarray]:
     return {n: getattr(res, n) for n in ("dq", "dk", "dv", "dbias", "dsinks") if getattr(res, n) is not None}
 
 
-def exact(case: Case, masked_rows: str, grad: bool, mp_max_len: int | None = None) -> Exact:
-    """Oracle values for ``case`` (and its VJP for ``case.g`` when ``grad``).
+def mp_values(case: Case, masked_rows: str, grad: bool) -> Exact:
+    """The mp oracle's values for ``case`` (its VJP for ``case.g`` and ``case.g_lse`` when ``grad``)."""
+    kw = dict(case.semantics(), masked_rows=masked_rows, probs=True)
+    if grad and case.g is not None:
+        res = mp.attention_vjp(case.q, case.k, case.v, case.g, g_lse=case.g_lse, **kw)
+        return Exact(res.out, res.lse, res.p, _grads(res), "mp", res.p_sink)
+    res = mp.attention(case.q, case.k, case.v, **kw)
+    return Exact(res.out, res.lse, res.p, None, "mp", res.p_sink)
 
-    With ``mp_max_len``, a case longer than that is decided by the float64 naive reference when it
-    flags every row reliable; otherwise (and always without ``mp_max_len``) by the mp oracle.
-    """
-    grad = grad and case.g is not None
+
+def naive64_values(case: Case, masked_rows: str, grad: bool) -> Exact:
+    """The float64 naive reference's values for ``case`` (its analytic VJP when ``grad``)."""
     kw = dict(case.semantics(), masked_rows=masked_rows)
-    vjp_kw = dict(kw, g_lse=case.g_lse)
-    simple = all(kw[k] is None for k in ("softcap", "alibi_slopes", "sinks")) and case.g_lse is None
-    if simple and mp_max_len is not None and max(case.dims["Lq"], case.dims["Lk"]) > mp_max_len:
-        args = (case.q, case.k, case.v, case.g) if grad else (case.q, case.k, case.v)
-        r64 = naive.attention_vjp(*args, **vjp_kw) if grad else naive.attention(*args, **kw)
-        if r64.reliable.all():
-            return Exact(r64.out, r64.lse, _probs64(case, masked_rows), _grads(r64) if grad else None, "naive64")
-    if grad:
-        res = mp.attention_vjp(case.q, case.k, case.v, case.g, probs=True, **vjp_kw)
-        return Exact(res.out, res.lse, res.p, _grads(res), p_sink=res.p_sink)
-    res = mp.attention(case.q, case.k, case.v, probs=True, **kw)
-    return Exact(res.out, res.lse, res.p, p_sink=res.p_sink)
+    with np.errstate(all="ignore"):
+        if grad and case.g is not None:
+            res = naive.attention_vjp(case.q, case.k, case.v, case.g, g_lse=case.g_lse, **kw)
+            return Exact(res.out, res.lse, res.p, _grads(res), "naive64", res.p_sink)
+        res = naive.attention(case.q, case.k, case.v, **kw)
+    return Exact(res.out, res.lse, res.p, None, "naive64", res.p_sink)

@@ -51,11 +51,11 @@ sink's, both from the oracle):
   ``p`` rounded to the dtype in the backward, and its accumulations).
 - ``floor = (n + 2) * tiny(acc) + subnormal_min(dtype)``: gradual underflow or flush-to-zero of
   ``n`` accumulated terms and the final rounding of a subnormal; gradients scale it by the
-  largest input magnitude they multiply. Each probability also errs by up to half the smallest
-  subnormal of the accumulation dtype absolutely (fp32 probabilities below 1.2e-38, as under a
-  dominant sink), and of the input dtype when intermediates are rounded to it (``round_probs`` or
-  ``accumulate="input"``; fp16 probabilities below 6.1e-5 are subnormal): that is added to ``p*r``
-  (and so to ``dSe``) for every visible key.
+  largest input magnitude they multiply. Each probability also errs by up to ``tiny(acc)``
+  absolutely (fp32 probabilities below 1.2e-38, as under a dominant sink, may be flushed to zero:
+  XLA on CPU does), and by half the smallest subnormal of the input dtype when intermediates are
+  rounded to it (``round_probs`` or ``accumulate="input"``; fp16 probabilities below 6.1e-5 are
+  subnormal): that is added to ``p*r`` (and so to ``dSe``) for every visible key.
 - ``slack = 2`` covers second-order terms. Worst-case ``gamma`` bounds are used throughout,
   so no correct kernel can exceed them, and bugs (wrong rescaling, dropped keys, a wrong
   Jacobian) give errors of order ``A`` itself, hundreds of allowances at bf16.
@@ -139,25 +139,40 @@ def _fold_kv(x: np.ndarray, att: spec.Attention) -> np.ndarray:
 
 
 @dataclass
-class _Logits:
-    """The absolute logit error ``ds`` per key and what the gradient terms need (float64, [B, H, Lq, Lk])."""
+class _Scales:
+    """What the bound needs that does not depend on the contract (float64, heads first, kv heads expanded)."""
 
-    ds: np.ndarray
-    dt: np.ndarray  # error of t = scale q.k before softcap
-    sech2: np.ndarray | None  # 1 - tanh^2(t / c), with softcap
-    s: np.ndarray  # the final logits (-inf where invisible)
+    att: spec.Attention
+    p: np.ndarray  # [B, H, Lq, Lk] (uniform on masked rows under the uniform policy)
+    p_sink: np.ndarray | None  # [B, H, Lq]
+    vis: np.ndarray  # the keys a row averages (every key of a masked row under uniform)
+    aq: np.ndarray
+    ak: np.ndarray
+    av: np.ndarray
+    t: np.ndarray  # scale q.k
+    sabs: np.ndarray  # scale |q|.|k|
+    capped: np.ndarray  # c tanh(t / c), or t
+    sech2: np.ndarray | None
+    bias: np.ndarray | float
+    alibi: np.ndarray | float
+    s: np.ndarray  # the final logits, -inf where invisible
+    shift: np.ndarray  # s - m (0 where invisible): the argument of exp
+    big_a: np.ndarray  # A = p @ |v|
+    grads: dict | None = None  # |g|, |g_lse|, dPa, da, dSa, dTa and the gradient scales, with a cotangent
 
 
-def _logit_error(att: spec.Attention, contract: Contract, dtype: str, ua: float, q: np.ndarray,
-                 k: np.ndarray) -> _Logits:
-    u = spec.unit_roundoff(dtype)
+def _prepare(case: Case, p: np.ndarray, masked_rows: str, p_sink: np.ndarray | None) -> _Scales:
+    att = spec.normalize(case.q, case.k, case.v, masked_rows=masked_rows, **case.semantics())
+    if masked_rows == "uniform":
+        # A fully masked row attends uniformly to every key: scales and gradients follow that p.
+        p = np.where(att.masked_row[..., None], 1.0 / att.k.shape[1], p)
+    q, k, v = _heads(att)
+    aq, ak, av = np.abs(q), np.abs(k), np.abs(v)
     scale = att.scale_float()
     vis = att.visible
     t = scale * (q @ _swap(k))
-    sabs = abs(scale) * (np.abs(q) @ _swap(np.abs(k)))
-    dt = _gamma(q.shape[-1] + 2, ua) * sabs + 2 * ua * np.abs(t)
-    sech2 = None
-    capped = t
+    sabs = abs(scale) * (aq @ _swap(ak))
+    sech2, capped = None, t
     if att.softcap is not None:
         c = att.softcap
         capped = c * np.tanh(t / c)
@@ -166,67 +181,79 @@ def _logit_error(att: spec.Attention, contract: Contract, dtype: str, ua: float,
     bias = 0.0 if att.bias is None else np.where(vis, att.bias.astype(np.float64), 0.0)
     alibi = 0.0 if att.alibi is None else att.alibi
     with np.errstate(invalid="ignore"):
-        s = capped + bias + alibi
-        ds = dt + (2 * ua * (np.abs(capped) + np.abs(bias) + np.abs(alibi)))
+        s = np.where(vis, capped + bias + alibi, -np.inf)
+        # exp(s - m) with m the row's maximum (a sink's logit included): the subtraction rounds too
+        m = s.max(axis=-1, keepdims=True)
+        if att.sinks is not None:
+            m = np.maximum(m, att.sinks[None, :, None, None])
+        shift = np.where(vis, s - np.where(np.isfinite(m), m, 0.0), 0.0)
+    if masked_rows == "uniform":
+        vis = vis | att.masked_row[..., None]
+    sc = _Scales(att, p, p_sink, vis, aq, ak, av, t, sabs, capped, sech2, bias, alibi, s, shift, p @ av)
+    if case.g is not None:
+        ag = np.abs(spec.to_heads_first(case.g.astype(np.float64)))
+        glse = 0.0 if case.g_lse is None else np.abs(case.g_lse.astype(np.float64))[..., None]
+        dpa = ag @ _swap(av)
+        da = (ag * sc.big_a).sum(-1, keepdims=True)
+        dsa = p * (dpa + da + glse)
+        dta = dsa if sech2 is None else dsa * sech2
+        a = abs(scale)
+        scales = {"dq": spec.to_seq_first(a * (dta @ ak)), "dk": _fold_kv(a * (_swap(dta) @ aq), att),
+                  "dv": _fold_kv(_swap(p) @ ag, att)}
+        if att.bias_shape is not None:
+            scales["dbias"] = spec.reduce_to_shape(dsa, att.bias_shape)
+        if att.sinks is not None and p_sink is not None:
+            scales["dsinks"] = (p_sink[..., None] * (glse + da)).sum(axis=(0, 2))[:, 0]
+        sc.grads = {"ag": ag, "glse": glse, "dpa": dpa, "da": da, "dsa": dsa, "scales": scales}
+    return sc
+
+
+def _logit_error(sc: _Scales, contract: Contract, dtype: str, u: float, ua: float) -> tuple[np.ndarray, np.ndarray]:
+    """(ds, dt): the absolute error of each computed logit, and of t = scale q.k before softcap."""
+    att, t, capped = sc.att, sc.t, sc.capped
+    bias, alibi = np.abs(sc.bias), np.abs(sc.alibi)
+    with np.errstate(invalid="ignore"):
+        dt = _gamma(att.q.shape[-1] + 2, ua) * sc.sabs + 2 * ua * np.abs(t)
+        ds = dt + 2 * ua * (np.abs(capped) + bias + alibi) + ua * np.abs(sc.shift)
         if att.softcap is not None:
             ds = ds + (2 + U_TANH) * ua * np.abs(capped)
         if att.alibi is not None:
-            ds = ds + ua * np.abs(alibi)
-        # exp(s - m) with m the row's maximum (a sink's logit included): the subtraction rounds too
-        m = np.max(np.where(vis, s, -np.inf), axis=-1, keepdims=True)
-        if att.sinks is not None:
-            m = np.maximum(m, att.sinks[None, :, None, None])
-        ds = ds + ua * np.abs(s - np.where(np.isfinite(m), m, 0.0))
+            ds = ds + ua * alibi
         if contract.round_logits:
             ds = ds + 2 * u * np.abs(t)
-            if sech2 is not None:  # t/c in the dtype may be subnormal (a large c): absolute error c*sub/2, twice
-                ds = ds + u * (np.abs(t) * sech2 + 2 * np.abs(capped)) + att.softcap * _subnormal_min(dtype)
+            if sc.sech2 is not None:  # t/c in the dtype may be subnormal (a large c): absolute error c*sub/2, twice
+                ds = ds + u * (np.abs(t) * sc.sech2 + 2 * np.abs(capped)) + att.softcap * _subnormal_min(dtype)
             if att.bias is not None:
-                ds = ds + u * np.abs(capped + bias)
+                ds = ds + u * np.abs(capped + sc.bias)
             if att.alibi is not None:
-                ds = ds + u * np.abs(s)
-    return _Logits(np.where(vis, ds, 0.0), dt, sech2, np.where(vis, s, -np.inf))
+                ds = ds + u * np.abs(np.where(att.visible, sc.s, 0.0))
+    return np.where(att.visible, ds, 0.0), dt
 
 
-def bound(case: Case, contract: Contract, p: np.ndarray, masked_rows: str = "zeros",
-          p_sink: np.ndarray | None = None, lse: np.ndarray | None = None) -> Allowance:
-    """The componentwise error bound for ``case`` given exact probabilities ``p`` [B, Hq, Lq, Lk].
-
-    ``p_sink`` (with sinks) gives the ``dsinks`` allowance, ``lse`` (the exact lse) the lse allowance.
-    """
-    att = spec.normalize(case.q, case.k, case.v, masked_rows=masked_rows, **case.semantics())
-    if masked_rows == "uniform":
-        # A fully masked row attends uniformly to every key: scales and gradients follow that p.
-        p = np.where(att.masked_row[..., None], 1.0 / att.k.shape[1], p)
-    dtype = case.dtype
+def _allow(sc: _Scales, dtype: str, contract: Contract, lse: np.ndarray | None) -> Allowance:
+    """The allowance of a correct implementation in ``dtype`` under ``contract`` (see the module doc)."""
+    att, p, vis, av = sc.att, sc.p, sc.vis, sc.av
     u = spec.unit_roundoff(dtype)
     ua, acc = _acc_unit(dtype, contract)
     d = att.dims
-    q, k, v = _heads(att)
-    scale = att.scale_float()
-    vis = att.visible | (att.masked_row[..., None] if masked_rows == "uniform" else False)
-    aq, ak, av = np.abs(q), np.abs(k), np.abs(v)
-    lg = _logit_error(att, contract, dtype, ua, q, k)
-    ds = lg.ds
+    ds, dt = _logit_error(sc, contract, dtype, u, ua)
     with np.errstate(over="ignore", invalid="ignore"):
         w = (p * np.expm1(ds)).sum(-1, keepdims=True)
         r = np.exp(ds) / np.maximum(1 - w, 1e-300) - 1
         r_sink = 1 / np.maximum(1 - w, 1e-300) - 1
         # A key whose exact weight underflows float64 (p = 0) may still be lifted by logit errors into
         # exp's range of the row maximum; a row with w >= 1 is unconstrained for every visible key.
-        m = np.max(np.where(vis, lg.s, -np.inf), axis=-1, keepdims=True)
-        reach = lg.s - np.where(np.isfinite(m), m, 0.0) + ds + ds.max(-1, keepdims=True)
-        lost = vis & (p == 0) & (reach > -745.0)
+        lost = vis & (p == 0) & (sc.shift + ds + ds.max(-1, keepdims=True) > -745.0)
         free = vis & ((w >= 1) | lost.any(-1, keepdims=True))
         pr = np.where(free, np.inf, np.where(p > 0, p * r, 0.0))
     unconstrained = int(free.any(-1).sum())
 
-    # Probabilities err by half the smallest subnormal of their dtype absolutely once they fall below
-    # its normal range: the accumulation dtype's always (fp32 below 1.2e-38: a dominant sink), and the
-    # input dtype's when intermediates are rounded to it (probabilities, dS; fp16: p < 6.1e-5).
+    # Probabilities below the accumulation dtype's normal range (fp32: 1.2e-38, as under a dominant sink)
+    # may be flushed to zero (XLA on CPU does): an absolute error of up to tiny(acc) each; in the input
+    # dtype, when intermediates are rounded to it, half its smallest subnormal (fp16: p < 6.1e-5).
     rounded = contract.round_probs or contract.accumulate == "input"
-    pr = pr + 0.5 * (_subnormal_min(acc) + (_subnormal_min(dtype) if rounded else 0.0)) * vis
-    big_a = p @ av
+    pr = pr + (_tiny(acc) + (0.5 * _subnormal_min(dtype) if rounded else 0.0)) * vis
+    big_a = sc.big_a
     rel = 4 * ua + 2 * _gamma(d["Lk"] + 1, ua) + (u if rounded else 0.0)
     floor_o = (d["Lk"] + 2) * _tiny(acc) + _subnormal_min(dtype)
     with np.errstate(invalid="ignore"):
@@ -238,51 +265,45 @@ def bound(case: Case, contract: Contract, p: np.ndarray, masked_rows: str = "zer
     out = spec.to_seq_first(allow_o)
     allow_lse = None if lse is None else _lse_allowance(lse, dtype, ua, w, free, d["Lk"])
     result = Allowance(out, spec.to_seq_first(big_a), unconstrained_rows=unconstrained, u=u, lse=allow_lse)
-    if case.g is None:
+    if sc.grads is None:
         return result
 
-    g = spec.to_heads_first(case.g.astype(np.float64))
-    ag = np.abs(g)
-    glse = 0.0 if case.g_lse is None else np.abs(case.g_lse.astype(np.float64))[..., None]
-    dpa = ag @ _swap(av)
-    da = (ag * big_a).sum(-1, keepdims=True)
-    dsa = p * (dpa + da + glse)
+    gs = sc.grads
+    ag, glse, dpa, da, dsa, scales = gs["ag"], gs["glse"], gs["dpa"], gs["da"], gs["dsa"], gs["scales"]
     with np.errstate(invalid="ignore"):
         err_delta = (ag * allow_o).sum(-1, keepdims=True)
         dse = pr * (dpa + da + glse) + p * err_delta
-        dse = dse + (0.5 * _subnormal_min(dtype) if rounded else 0.0) * vis
-        if lg.sech2 is not None:  # 1 - tanh^2 computed in the logits' dtype: an absolute error of a few units
+        if sc.sech2 is not None:  # 1 - tanh^2 computed in the logits' dtype: an absolute error of a few units
             ul = u if contract.round_logits or contract.accumulate == "input" else ua
-            dta = dsa * lg.sech2
-            dte = dse * lg.sech2 + dsa * (SECH2_SLOPE * lg.dt / att.softcap + 4 * ul)
+            dte = dse * sc.sech2 + dsa * (SECH2_SLOPE * dt / att.softcap + 4 * ul)
         else:
-            dta, dte = dsa, dse
+            dte = dse
     rho = 4 * u + 2 * _gamma(max(d["Lq"], d["Lk"], d["Dk"], d["Dv"]) + 2, ua)
-    mag = max(1.0, float(np.abs(scale)) * max(float(aq.max()), float(ak.max())), float(ag.max()), float(av.max()))
+    scale = abs(att.scale_float())
+    mag = max(1.0, scale * max(float(sc.aq.max()), float(sc.ak.max())), float(ag.max()), float(av.max()))
     floor_g = ((d["Lq"] + d["Lk"] + d["Dk"] + d["Dv"] + 2) * _tiny(acc) + _subnormal_min(dtype)) * mag
-    sc = abs(scale)
-    scales = {
-        "dq": spec.to_seq_first(sc * (dta @ ak)),
-        "dk": _fold_kv(sc * (_swap(dta) @ aq), att),
-        "dv": _fold_kv(_swap(p) @ ag, att),
-    }
     with np.errstate(invalid="ignore"):
         errs = {
-            "dq": spec.to_seq_first(sc * (dte @ ak)),
-            "dk": _fold_kv(sc * (_swap(dte) @ aq), att),
+            "dq": spec.to_seq_first(scale * (dte @ sc.ak)),
+            "dk": _fold_kv(scale * (_swap(dte) @ sc.aq), att),
             "dv": _fold_kv(_swap(pr) @ ag, att),
         }
-    if att.bias_shape is not None:
-        scales["dbias"] = spec.reduce_to_shape(dsa, att.bias_shape)
-        errs["dbias"] = spec.reduce_to_shape(dse, att.bias_shape)
-    if att.sinks is not None and p_sink is not None:
-        ps = p_sink[..., None]
-        glse_s = 0.0 if case.g_lse is None else glse
-        scales["dsinks"] = (ps * (glse_s + da)).sum(axis=(0, 2))[:, 0]
-        with np.errstate(invalid="ignore"):
-            errs["dsinks"] = (ps * (r_sink * (glse_s + da) + err_delta)).sum(axis=(0, 2))[:, 0]
+        if "dbias" in scales:
+            errs["dbias"] = spec.reduce_to_shape(dse, att.bias_shape)
+        if "dsinks" in scales:
+            ps = sc.p_sink[..., None]
+            errs["dsinks"] = (ps * (r_sink * (glse + da) + err_delta)).sum(axis=(0, 2))[:, 0]
     grads = {name: SLACK * (errs[name] + rho * scales[name] + floor_g) for name in scales}
     return Allowance(out, result.scale_out, grads, scales, unconstrained, u, lse=allow_lse)
+
+
+def bound(case: Case, contract: Contract, p: np.ndarray, masked_rows: str = "zeros",
+          p_sink: np.ndarray | None = None, lse: np.ndarray | None = None) -> Allowance:
+    """The componentwise error bound for ``case`` given exact probabilities ``p`` [B, Hq, Lq, Lk].
+
+    ``p_sink`` (with sinks) gives the ``dsinks`` allowance, ``lse`` (the exact lse) the lse allowance.
+    """
+    return _allow(_prepare(case, p, masked_rows, p_sink), case.dtype, contract, lse)
 
 
 def _lse_allowance(lse: np.ndarray, dtype: str, ua: float, w: np.ndarray, free: np.ndarray, lk: int) -> np.ndarray:
@@ -293,6 +314,31 @@ def _lse_allowance(lse: np.ndarray, dtype: str, ua: float, w: np.ndarray, free: 
         allow = ul * np.where(np.isfinite(lse), np.abs(lse), 0.0) + SLACK * (
             moved + 2 * _gamma(lk + 2, max(ua, ul)) + (lk + 2) * 2.0**-1022)
     return np.where(free.any(-1), np.inf, allow)
+
+
+FLOAT64 = Contract(accumulate="input", round_logits=False, round_probs=False)  # how oracles.naive computes
+CERTIFY_FRACTION = 1 / 64  # naive64 decides where its error bound is below this fraction of the allowance
+
+
+def certified_bound(case: Case, contract: Contract, p: np.ndarray, masked_rows: str = "zeros",
+                    p_sink: np.ndarray | None = None, lse: np.ndarray | None = None) -> tuple[Allowance, bool]:
+    """The allowance from float64 probabilities, and whether the float64 naive reference is certified for it.
+
+    ``oracles.naive`` in float64 is a correct float64 implementation, so the allowance such an
+    implementation has (``FLOAT64`` contract, u = 2^-53) bounds its own error, element by element.
+    It is certified when that bound is below ``CERTIFY_FRACTION`` of the target's allowance for every
+    output, lse and gradient element: then no comparison of the target with it can change its verdict
+    unless the target's error is within 1/64 of the allowance's edge.
+    """
+    sc = _prepare(case, p, masked_rows, p_sink)
+    allow = _allow(sc, case.dtype, contract, lse)
+    own = _allow(sc, "fp64", FLOAT64, lse)
+    with np.errstate(invalid="ignore"):
+        pairs = [(own.out, allow.out)] + [(own.grads[n], allow.grads[n]) for n in allow.grads]
+        if allow.lse is not None:
+            pairs.append((own.lse, allow.lse))
+        ok = all(bool(np.all((a <= CERTIFY_FRACTION * b) | np.isinf(b))) for a, b in pairs)
+    return allow, ok
 
 
 def allowance(case: Case, contract: Contract, truth: Exact, masked_rows: str = "zeros",

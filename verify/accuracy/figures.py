@@ -1,8 +1,8 @@
 """The figures of one cell: measured error per output, from the same comparison the fuzz checks use.
 
-For each seed the case's exact values come from ``verify.reference.exact`` (mp up to
-``mp_max_len``, above it the float64 naive reference where it vouches for every row), the allowance
-from ``verify.tolerance.allowance`` and the comparison from ``verify.checks.compare``. Per output
+For each seed the case's exact values and allowance come from ``verify.truth.decide`` (mp up to
+``mp_max_len``, above it the float64 naive reference where it is certified, else mp) and the
+comparison from ``verify.checks.compare``. Per output
 (``out``, ``dq``, ``dk``, ``dv``, ``dbias``), over elements whose exact value and result are finite:
 
 - ``max_allow``: the worst error in allowances, ``|got - exact| / allowance`` -- what a fuzz check
@@ -28,12 +28,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from oracles import naive, spec
-from verify import checks, reference, tolerance
+from verify import checks, tolerance
 from verify.accuracy.plan import Settings, cell_id, data_seed
 from verify.case import Case
 from verify.execution import InProcess
+from verify.reference import Exact
 from verify.strategies import make_case
 from verify.targets import Adapter, TargetInfo, TargetSpec
+from verify.truth import decide
 
 OUTPUTS = ("out", "dq", "dk", "dv", "dbias")
 
@@ -91,7 +93,7 @@ def output_figures(cmp: checks.Comparison, plain: checks.Comparison, scale: np.n
 class _Truth:
     """One case's exact values, allowance and same-dtype naive values (shared by a group's chunk settings)."""
 
-    exact: reference.Exact
+    exact: Exact
     allow: tolerance.Allowance
     plain: dict[str, np.ndarray]
     naive64_vs_mp: dict[str, float] | None
@@ -104,8 +106,8 @@ def _outputs(res: object, names: tuple[str, ...] = OUTPUTS) -> dict[str, np.ndar
 
 def _truth(case: Case, info: TargetInfo, grad: bool, mp_max_len: int) -> _Truth:
     t0 = time.perf_counter()
-    truth = reference.exact(case, info.masked_rows, grad, mp_max_len=mp_max_len)
-    allow = tolerance.allowance(case, info.contract, truth, info.masked_rows)
+    decided = decide(case, info, grad, mp_max_len=mp_max_len)
+    truth, allow = decided.exact, decided.allow
     kw = dict(case.semantics(), masked_rows=info.masked_rows)
     args = (case.q, case.k, case.v, case.g) if grad else (case.q, case.k, case.v)
     fn = naive.attention_vjp if grad else naive.attention
