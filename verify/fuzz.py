@@ -19,9 +19,11 @@ database (``--database``) is keyed by target, dtype, checks and the categories f
 the next campaign replays earlier failures first. Interrupted (Ctrl-C or SIGTERM), a campaign
 writes its JSON whole with ``interrupted: true`` and every finding so far, shrunk or not.
 
-Hangs: after a target's first timeout, later calls get a shorter limit, ten times the slowest
-completed call's time per unit of work scaled to the case (at least 2 s, at most ``timeout``), so
-shrinking a hang and the rest of the campaign do not wait the full limit on every example.
+Hangs: after a target's first timeout in a dtype, that dtype's later calls get a shorter limit,
+twenty times its slowest completed call (at least 2 s, at most ``timeout``), so shrinking a hang and
+the rest of the campaign do not wait the full limit on every example. A slow but correct call cut
+short then cannot add a finding: the dtype's timeout is already found, and each dtype starts again
+with the full limit.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from verify.targets.loader import TargetSpec
 DEFAULT_DATABASE = Path(".attnverify/hypothesis")
 DEFAULT_MAX_EXAMPLES = 200  # per dtype, when neither max_examples nor a budget is given
 SHORT_TIMEOUT_MIN = 2.0
+SHORT_TIMEOUT_FACTOR = 20.0
 
 
 class Interrupted(KeyboardInterrupt):
@@ -90,7 +93,8 @@ class Settings:
     timeout: float = DEFAULT_TIMEOUT  # seconds per target call
     database: Path | None = DEFAULT_DATABASE
     repro_dir: Path = Path("findings")
-    max_len: int = 65
+    max_len: int = 2048  # longest sequence of a large case (decode caches reach twice that)
+    max_dim: int = 256  # largest head dim drawn
     max_findings: int | None = None  # stop the campaign once this many are found (mutant kills)
     families: tuple[str, ...] = strategies.FAMILIES
     compact: bool | None = None  # shape buckets (strategies.COMPACT_SHAPES); None: for JAX targets only
@@ -200,29 +204,24 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 class _Limits:
-    """The time limit of each call: the full timeout until the first timeout, then one scaled to the case."""
+    """The time limit of each call of one dtype: the full timeout until its first timeout, then a short one."""
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
-        self.rate = 0.0  # slowest completed call, seconds per unit of work
+        self.slowest = 0.0  # the slowest completed call's seconds (the target's own time)
         self.short = False
 
-    @staticmethod
-    def work(case: Case) -> float:
-        d = case.dims
-        return float(d["B"] * d["Hq"] * d["Lq"] * d["Lk"] * (d["Dk"] + d["Dv"]) + 1)
-
-    def limit(self, case: Case) -> float:
+    def limit(self) -> float:
         if not self.short:
             return self.timeout
-        return min(self.timeout, max(SHORT_TIMEOUT_MIN, 10 * self.rate * self.work(case)))
+        return min(self.timeout, max(SHORT_TIMEOUT_MIN, SHORT_TIMEOUT_FACTOR * self.slowest))
 
-    def record(self, case: Case, out: Outcome, limit: float, log: list[float]) -> None:
+    def record(self, out: Outcome, limit: float, log: list[float]) -> None:
         if out.timed_out:
             self.short = True
             log.append(limit)
-        elif out.seconds.get("target"):
-            self.rate = max(self.rate, out.seconds["target"] / self.work(case))
+        else:
+            self.slowest = max(self.slowest, out.seconds.get("target", 0.0))
 
 
 def _sigterm(signum: int, _frame: object) -> None:
@@ -315,6 +314,7 @@ class _Search:
         info = executor.info
         self.strategy = strategies.cases(
             dtypes=(dtype,), features=info.features, grad="grad" in camp.checks, max_len=sett.max_len,
+            max_dim=sett.max_dim,
             families=sett.families, mask_kinds=sett.mask_kinds,
             compact=info.framework == "jax" if sett.compact is None else sett.compact,
             constraints=info.constraints, layouts=layouts_for(info))
@@ -359,9 +359,9 @@ class _Search:
                 raise _Stop("max_examples")
             camp.examples[dtype] += 1
             case.save(self.in_flight)
-            limit = self.limits.limit(case)
+            limit = self.limits.limit()
             out = run_case(self.executor, case, checks=tuple(camp.checks), policy=self.sett.policy, timeout=limit)
-            self.limits.record(case, out, limit, camp.timeouts)
+            self.limits.record(out, limit, camp.timeouts)
             self._account(case, out)
             new = [f for f in out.findings if f.category not in self.found]
             if self.on_progress:

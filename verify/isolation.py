@@ -19,6 +19,9 @@ so a long campaign on a JAX target that compiles thousands of programs does not 
 
 The cost: the start (imports and target load, seconds for torch or jax) once per worker, and
 per case one pickled round trip of the inputs and results (``benchmarks/bench_isolation.py``).
+The worker runs with one BLAS/OpenMP thread (``threads``): it computes while this process computes
+the exact values, and on two cores two processes with two spinning OpenMP threads each ran a
+campaign five times slower than one process.
 The case itself is written to disk by the campaign before every call (``fuzz``), so even a crash
 of the whole machine leaves it behind.
 """
@@ -26,6 +29,7 @@ of the whole machine leaves it behind.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
 import time
 from multiprocessing.connection import Connection
@@ -35,6 +39,7 @@ from verify.execution import CallFailure, Calls, base_pass, call_pass, failure_o
 from verify.targets.base import TargetInfo
 from verify.targets.loader import TargetSpec
 
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 MAX_MAPS = 40000  # memory mappings after which a worker is replaced (vm.max_map_count is 65530 by default)
 START_TIMEOUT = 300.0  # seconds a worker may take to import its framework and load the target
 
@@ -62,13 +67,14 @@ def _serve(conn: Connection, target: dict) -> None:
             return
         case, passes = request
         for name in passes:
-            conn.send(("start", name, time.monotonic()))  # the clock is the system's: the parent compares it
+            started = time.monotonic()
+            conn.send(("start", name, started))  # the clock is the system's: the parent compares it
             try:
                 value = call_pass(adapter, case, name)
             except Exception as exc:  # noqa: BLE001 - a target's exception is a result
                 conn.send(("failed", name, failure_of(exc)))
                 break
-            conn.send(("done", name, value))
+            conn.send(("done", name, value, time.monotonic() - started))
         conn.send(("end", _maps()))
 
 
@@ -87,8 +93,8 @@ def _death(exitcode: int | None) -> str:
 class Worker:
     """Runs a loadable target in a child process (see the module doc); the same interface as ``InProcess``."""
 
-    def __init__(self, target: TargetSpec, info: TargetInfo) -> None:
-        self.target, self.info = target, info
+    def __init__(self, target: TargetSpec, info: TargetInfo, threads: int = 1) -> None:
+        self.target, self.info, self.threads = target, info, threads
         self._ctx = multiprocessing.get_context("spawn")
         self._proc: multiprocessing.process.BaseProcess | None = None
         self._conn: Connection | None = None
@@ -99,7 +105,16 @@ class Worker:
         parent, child = self._ctx.Pipe()
         self._proc = self._ctx.Process(target=_serve, args=(child, self.target.to_meta()), daemon=True,
                                        name=f"attnverify-worker-{self.info.name}")
-        self._proc.start()
+        saved = {var: os.environ.get(var) for var in THREAD_VARS}
+        os.environ.update(dict.fromkeys(THREAD_VARS, str(self.threads)))  # read by the child's libraries at start
+        try:
+            self._proc.start()
+        finally:
+            for var, value in saved.items():
+                if value is None:
+                    os.environ.pop(var)
+                else:
+                    os.environ[var] = value
         child.close()
         self._conn = parent
         self.starts += 1
@@ -150,7 +165,7 @@ class Worker:
         """The results of the case last submitted, each pass limited to ``timeout`` seconds from its start."""
         calls = Calls()
         passes, t0 = self._passes, self._sent
-        running, started = None, t0
+        running, started, busy = None, t0, 0.0
         while True:
             msg = self._receive(started + timeout if running else time.monotonic() + START_TIMEOUT)
             if isinstance(msg, str):  # the child died ("eof") or the pass ran past its limit ("late")
@@ -169,6 +184,7 @@ class Worker:
                 running, started = msg[1], msg[2]
             elif kind == "done":
                 calls.record(msg[1], msg[2])
+                busy += msg[3]
                 running = None
             elif kind == "failed":
                 calls.failures.setdefault(base_pass(msg[1]), msg[2])
@@ -178,7 +194,7 @@ class Worker:
                     self.recycled += 1
                     self.close()
                 break
-        calls.seconds = time.monotonic() - t0
+        calls.seconds = busy if not calls.failures else time.monotonic() - t0  # the target's own time
         return calls
 
     def close(self) -> None:

@@ -48,7 +48,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--attnverify-seed", type=int, help="overrides the profile's seed")
     g.addoption("--attnverify-tolerance", choices=POLICIES, default=S.policy)
     g.addoption("--attnverify-timeout", type=float, default=S.timeout, help="seconds per target call")
-    g.addoption("--attnverify-max-len", type=int, default=S.max_len, help="longest sequence length drawn")
+    g.addoption("--attnverify-max-len", type=int, default=S.max_len, help="longest sequence of a large case")
+    g.addoption("--attnverify-max-dim", type=int, default=S.max_dim, help="largest head dim drawn")
     g.addoption("--attnverify-repro-dir", default=str(S.repro_dir))
     g.addoption("--attnverify-database", default=str(S.database), help="Hypothesis example database ('' : none)")
     g.addoption("--attnverify-json", help="directory for each item's campaign JSON")
@@ -112,6 +113,7 @@ class AttnverifyItem(pytest.Item):
             dtypes=(self.dtype,), checks=(self.check,), seed=seed,
             max_examples=opt("attnverify_max_examples") or profile["max_examples"],
             policy=opt("attnverify_tolerance"), timeout=opt("attnverify_timeout"), max_len=opt("attnverify_max_len"),
+            max_dim=opt("attnverify_max_dim"),
             database=Path(database) if database else None, repro_dir=Path(opt("attnverify_repro_dir")),
             isolate=not opt("attnverify_in_process"))
         json_dir = opt("attnverify_json")

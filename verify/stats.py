@@ -36,20 +36,20 @@ def chunk_kind(chunk: int | None, length: int) -> str:
 
 def features_of(case: Case) -> list[str]:
     """The semantic features a case exercises (what a report can say was tested)."""
-    feats = []
-    if case.mask is not None:
-        feats.append("mask")
-    if case.bias is not None:
-        feats.append("bias")
-    if case.causal:
-        feats.append("causal")
-    if case.dims["Hq"] != case.dims["Hkv"]:
-        feats.append("gqa")
-    if case.dims["Dk"] != case.dims["Dv"]:
-        feats.append("dk!=dv")
-    if case.scale is not None:
-        feats.append("scale")
+    feats = [name for name, used in (
+        ("mask", case.mask is not None), ("bias", case.bias is not None), ("causal", case.causal),
+        ("gqa", case.dims["Hq"] != case.dims["Hkv"]), ("dk!=dv", case.dims["Dk"] != case.dims["Dv"]),
+        ("scale", case.scale is not None), ("bottom-right", case.align != "top-left"),
+        ("window", case.window is not None), ("softcap", case.softcap is not None),
+        ("alibi", case.alibi_slopes is not None), ("sinks", case.sinks is not None),
+        ("segments", case.q_segment_ids is not None), ("lse-cotangent", case.g_lse is not None)) if used]
     return feats
+
+
+def _order(key: str) -> tuple:
+    """Numeric buckets ("9-16") by their low end, everything else by name."""
+    head = key.split("-")[0]
+    return (0, int(head), key) if head.isdigit() else (1, 0, key)
 
 
 @dataclass
@@ -78,18 +78,21 @@ class Stats:
         self._count("family", case.family)
         self._count("dtype", case.dtype)
         self._count("passes", "+".join(passes) or "none")
+        self._count("layout", case.layout)
         for feat in features_of(case) or ["none"]:
             self._count("features", feat)
 
     def to_json(self) -> dict:
         return {"examples": self.examples, "max_len": self.max_len, "max_dim": self.max_dim,
-                "counts": {k: dict(sorted(v.items())) for k, v in sorted(self.counts.items())}}
+                "counts": {k: dict(sorted(v.items(), key=lambda kv: _order(kv[0])))
+                           for k, v in sorted(self.counts.items())}}
 
     def lines(self) -> list[str]:
         """One line per counter, for ``--stats``."""
         out = [f"examples {self.examples}; largest L {self.max_len}, largest head dim {self.max_dim}"]
         for what, counter in sorted(self.counts.items()):
             total = sum(counter.values())
-            parts = ", ".join(f"{k} {100 * n / total:.0f}%" for k, n in sorted(counter.items()))
+            parts = ", ".join(f"{k} {100 * n / total:.0f}%" for k, n in sorted(counter.items(),
+                                                                                  key=lambda kv: _order(kv[0])))
             out.append(f"{what}: {parts}")
         return out

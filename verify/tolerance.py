@@ -96,6 +96,7 @@ class Allowance:
     u: float = 0.0
     policy: str = "bound"
     lse: np.ndarray | None = None  # [B, Hq, Lq], absolute
+    free_rows: np.ndarray | None = None  # bool [B, Hq, Lq]: the unconstrained rows
 
 
 def _tiny(dtype: str) -> float:
@@ -238,7 +239,7 @@ def _allow(sc: _Scales, dtype: str, contract: Contract, lse: np.ndarray | None) 
     d = att.dims
     ds, dt = _logit_error(sc, contract, dtype, u, ua)
     with np.errstate(over="ignore", invalid="ignore"):
-        w = (p * np.expm1(ds)).sum(-1, keepdims=True)
+        w = np.where(p > 0, p * np.expm1(ds), 0.0).sum(-1, keepdims=True)  # keys of weight 0: "lost" below
         r = np.exp(ds) / np.maximum(1 - w, 1e-300) - 1
         r_sink = 1 / np.maximum(1 - w, 1e-300) - 1
         # A key whose exact weight underflows float64 (p = 0) may still be lifted by logit errors into
@@ -264,7 +265,9 @@ def _allow(sc: _Scales, dtype: str, contract: Contract, lse: np.ndarray | None) 
         allow_o = np.where(free.any(-1, keepdims=True), 2 * (1 + 4 * u) * vmax + floor_o, allow_o)
     out = spec.to_seq_first(allow_o)
     allow_lse = None if lse is None else _lse_allowance(lse, dtype, ua, w, free, d["Lk"])
-    result = Allowance(out, spec.to_seq_first(big_a), unconstrained_rows=unconstrained, u=u, lse=allow_lse)
+    free_rows = free.any(-1)
+    result = Allowance(out, spec.to_seq_first(big_a), unconstrained_rows=unconstrained, u=u, lse=allow_lse,
+                       free_rows=free_rows)
     if sc.grads is None:
         return result
 
@@ -293,8 +296,10 @@ def _allow(sc: _Scales, dtype: str, contract: Contract, lse: np.ndarray | None) 
         if "dsinks" in scales:
             ps = sc.p_sink[..., None]
             errs["dsinks"] = (ps * (r_sink * (glse + da) + err_delta)).sum(axis=(0, 2))[:, 0]
-    grads = {name: SLACK * (errs[name] + rho * scales[name] + floor_g) for name in scales}
-    return Allowance(out, result.scale_out, grads, scales, unconstrained, u, lse=allow_lse)
+    with np.errstate(invalid="ignore"):  # inf * 0 in a matmul (an unconstrained row, a zero input): unbounded
+        grads = {name: np.nan_to_num(SLACK * (errs[name] + rho * scales[name] + floor_g), nan=np.inf)
+                 for name in scales}
+    return Allowance(out, result.scale_out, grads, scales, unconstrained, u, lse=allow_lse, free_rows=free_rows)
 
 
 def bound(case: Case, contract: Contract, p: np.ndarray, masked_rows: str = "zeros",
@@ -321,24 +326,31 @@ CERTIFY_FRACTION = 1 / 64  # naive64 decides where its error bound is below this
 
 
 def certified_bound(case: Case, contract: Contract, p: np.ndarray, masked_rows: str = "zeros",
-                    p_sink: np.ndarray | None = None, lse: np.ndarray | None = None) -> tuple[Allowance, bool]:
-    """The allowance from float64 probabilities, and whether the float64 naive reference is certified for it.
+                    p_sink: np.ndarray | None = None, lse: np.ndarray | None = None) -> tuple[Allowance, str]:
+    """The allowance from float64 probabilities, and how far the float64 naive reference is certified for it.
 
     ``oracles.naive`` in float64 is a correct float64 implementation, so the allowance such an
     implementation has (``FLOAT64`` contract, u = 2^-53) bounds its own error, element by element.
-    It is certified when that bound is below ``CERTIFY_FRACTION`` of the target's allowance for every
-    output, lse and gradient element: then no comparison of the target with it can change its verdict
-    unless the target's error is within 1/64 of the allowance's edge.
+    ``"certified"``: that bound is below ``CERTIFY_FRACTION`` of the target's allowance for every
+    output, lse and gradient element, so no comparison of the target with it can change a verdict
+    unless the target's error is within 1/64 of the allowance's edge. ``"free-rows"``: certified but
+    on rows the target's contract leaves unconstrained (there any convex combination of the values
+    passes, so the verdict does not depend on the exact values, but float64's are not to be trusted
+    as "exact" in a message). ``"no"``: float64 cannot vouch for the case.
     """
     sc = _prepare(case, p, masked_rows, p_sink)
     allow = _allow(sc, case.dtype, contract, lse)
     own = _allow(sc, "fp64", FLOAT64, lse)
+    free = np.swapaxes(allow.free_rows, 1, 2)[..., None]  # [B, Lq, Hq, 1], the output's layout
     with np.errstate(invalid="ignore"):
-        pairs = [(own.out, allow.out)] + [(own.grads[n], allow.grads[n]) for n in allow.grads]
+        pairs = [(own.out, allow.out, free)] + [(own.grads[n], allow.grads[n], False) for n in allow.grads]
         if allow.lse is not None:
-            pairs.append((own.lse, allow.lse))
-        ok = all(bool(np.all((a <= CERTIFY_FRACTION * b) | np.isinf(b))) for a, b in pairs)
-    return allow, ok
+            pairs.append((own.lse, allow.lse, allow.free_rows))
+        fits = [(a <= CERTIFY_FRACTION * b) | np.isinf(b) for a, b, _ in pairs]
+        if all(bool(f.all()) for f in fits):
+            return allow, "certified"
+        exempt = all(bool((f | rows).all()) for f, (_, _, rows) in zip(fits, pairs, strict=True))
+    return allow, "free-rows" if exempt else "no"
 
 
 def allowance(case: Case, contract: Contract, truth: Exact, masked_rows: str = "zeros",

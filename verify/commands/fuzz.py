@@ -11,10 +11,12 @@ from oracles import spec
 from verify import fuzz, strategies
 from verify.checks import CHECKS
 from verify.commands.common import UsageError, add_target_arguments, csv, default, target_spec
+from verify.strategies.sizes import LARGE_HEAD_DIMS
 from verify.tolerance import POLICIES
 
 EXIT_CLEAN, EXIT_FINDINGS, EXIT_INCOMPLETE, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 3, 130, 143
 PROGRESS_EVERY = 10.0  # seconds between progress lines
+MAX_HEAD_DIM = max(LARGE_HEAD_DIMS)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,7 +34,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tolerance", choices=POLICIES, default=default(S, "policy"))
     p.add_argument("--families", type=csv, help="value families to draw (default: all)")
     p.add_argument("--masks", type=csv, help="mask kinds to draw (default: all)")
-    p.add_argument("--max-len", type=int, default=default(S, "max_len"), help="longest sequence length drawn")
+    p.add_argument("--max-len", type=int, default=default(S, "max_len"),
+                   help="longest sequence of a large case (decode caches reach twice that); small cases stay <= 65")
+    p.add_argument("--max-dim", type=int, default=default(S, "max_dim"), help=f"largest head dim drawn "
+                   f"(1..{MAX_HEAD_DIM})")
     p.add_argument("--timeout", type=float, default=default(S, "timeout"),
                    help="seconds a target call may take before it is a timeout finding; after the first "
                         "timeout, later calls get a shorter limit scaled to the case")
@@ -65,11 +70,15 @@ def settings_from(args: argparse.Namespace) -> fuzz.Settings:
         raise UsageError(f"--budget must be positive, got {args.budget}")
     if args.max_len < 1:
         raise UsageError(f"--max-len must be >= 1, got {args.max_len}")
+    if not 1 <= args.max_dim <= MAX_HEAD_DIM:
+        raise UsageError(f"--max-dim {args.max_dim}: head dims are drawn up to {MAX_HEAD_DIM} (the largest real "
+                         f"kernels take); give 1..{MAX_HEAD_DIM}")
     return fuzz.Settings(
         dtypes=tuple(spec.dtype_name(d) for d in args.dtypes), checks=tuple(args.checks),
         max_examples=args.max_examples, budget=args.budget, seed=args.seed, policy=args.tolerance,
         timeout=args.timeout, database=None if args.no_database else Path(args.database),
-        repro_dir=Path(args.repro_dir), max_len=args.max_len, isolate=not args.in_process, **extra)
+        repro_dir=Path(args.repro_dir), max_len=args.max_len, max_dim=args.max_dim, isolate=not args.in_process,
+        **extra)
 
 
 class Progress:

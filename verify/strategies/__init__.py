@@ -1,9 +1,10 @@
 """Hypothesis strategies that generate attention cases (``verify.case.Case``) at the numerical edges.
 
 Small, named, composable pieces (each module one idea): ``shapes`` and ``chunk_sizes``
-(``shapes.py``), ``values`` of a named family (``values.py``), ``masks`` of a named kind
-(``masks.py``), and ``cases``, which ties them together for a target's declared features
-(``cases.py``); ``example_case`` and ``make_case`` build the same cases without Hypothesis.
+(``sizes.py``), ``values`` of a named family (``value_families.py``), ``masks`` of a named kind
+(``mask_kinds.py``), the modern options (``options.py``), and ``cases``, which ties them together
+for a target's declared features (``assembly.py``); ``example_case`` and ``make_case`` build the
+same cases without Hypothesis.
 
 Every choice a case makes is a ``Menu`` (``menus.py``): Hypothesis draws it, so shrinking walks
 it toward the simplest option; bulk numbers come from ``np.random.default_rng`` with a drawn
@@ -11,10 +12,10 @@ seed, so shrinking never works on thousands of floats. Strategies read as their 
 and falsifying examples (``cases(dtypes=('fp32',), ...)``) and check their arguments eagerly.
 """
 
-from verify.strategies.cases import SCALES, cases, example_case, make_case
-from verify.strategies.masks import MASK_KINDS, MASK_NEEDS, Masking, masks
-from verify.strategies.shapes import COMPACT_SHAPES, HEAD_DIMS, LENGTHS, chunk_menu, chunk_sizes, length_menu, shapes
-from verify.strategies.values import FAMILIES, Values, families, values
+from verify.strategies.assembly import SCALES, cases, example_case, make_case
+from verify.strategies.mask_kinds import MASK_KINDS, MASK_NEEDS, Masking, masks
+from verify.strategies.sizes import COMPACT_SHAPES, HEAD_DIMS, LENGTHS, chunk_menu, chunk_sizes, length_menu, shapes
+from verify.strategies.value_families import FAMILIES, Values, families, values
 
 __all__ = [
     "COMPACT_SHAPES",

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from verify.strategies.menus import SEED, Pick, ints, one_of
-from verify.strategies.values import cast
+from verify.strategies.value_families import cast
 
 SOFTCAPS = (50.0, 1.0, 1e4, 5.0, 20.0)
 

@@ -9,7 +9,10 @@ Each family is one idea, named so that findings and reports can say which one br
 - ``equal-logits``: all logits of a row equal (identical keys or q = 0);
 - ``spread``: logits spread so most ``exp`` underflow, in descending, ascending or shuffled key order;
 - ``big-values`` / ``tiny-values``: values near the dtype's max / down in its subnormals;
-- ``cancel``: paired keys whose values cancel (outputs much smaller than their scale A).
+- ``cancel``: paired keys whose values cancel (outputs much smaller than their scale A);
+- ``rising`` / ``falling``: logits ordered along the keys, rising by a drawn total of 4..40 from the
+  first key to the last: every key chunk (or tile) raises the running max, so every chunk rescales
+  the accumulator -- the most rescalings a kernel can do -- or, falling, none after the first.
 
 Decisions worth knowing:
 
@@ -47,6 +50,8 @@ FAMILIES: tuple[str, ...] = (
     "big-values",
     "tiny-values",
     "cancel",
+    "rising",
+    "falling",
 )
 NEEDS_KEY_BLOCK = frozenset({"dominant-key"})  # families that align to a key chunk
 
@@ -158,6 +163,13 @@ def pick_values(
         channel = np.sqrt(max(lk - 1, 1) * step / s)
         q[..., -1] = channel
         k[..., -1] = (-rank * step / (s * channel))[None, :, None]
+    elif family in ("rising", "falling"):
+        params["rise"] = rise = pick(floats(4.0, 40.0))
+        pos = np.arange(lk) if family == "rising" else np.arange(lk)[::-1]
+        q, k = _bounded(rng, dims, s)
+        channel = np.sqrt(rise / s)
+        q[..., -1] = channel
+        k[..., -1] = (pos * rise / max(lk - 1, 1) / (s * channel))[None, :, None]
     elif family == "big-values":
         acc = np.finfo(np.float64 if dtype == "fp64" else np.float32).max
         cap = min(float(fi.max), float(acc) / (16 * max(lk, dv)))

@@ -18,11 +18,20 @@ from hypothesis import strategies as st
 
 from oracles import spec
 from verify.case import Case
-from verify.strategies import masks as mk
-from verify.strategies import values as vl
+from verify.strategies import mask_kinds as mk
+from verify.strategies import value_families as vl
 from verify.strategies.menus import SEED, Pick, composite, hypothesis_pick, known, numpy_pick, one_of
 from verify.strategies.options import pick_options
-from verify.strategies.shapes import Dims, chunk_menu, pick_compact, pick_shape
+from verify.strategies.sizes import (
+    SMALL_MAX_LEN,
+    Dims,
+    chunk_menu,
+    large_chunk_menu,
+    pick_compact,
+    pick_large,
+    pick_shape,
+    pick_size,
+)
 from verify.targets import layouts as lay
 from verify.targets.base import DEFAULT_DTYPES, FEATURES, check_constraints
 
@@ -43,6 +52,8 @@ def _assemble(pick: Pick, dtype: str, dims: Dims, family: str, kind: str, chunks
     key_block = _key_block(pick, chunks[1], dims["Lk"], family, kind)
     vals = vl.pick_values(pick, family, dtype, dims, scale, key_block)
     masking = mk.pick_masking(pick, kind, dtype, dims, key_block)
+    causal = masking.causal or (kind not in ("none", "causal") and "causal" in features and bool(
+        pick(one_of((False, True)))))  # a mask AND causal
     options, option_params = ({}, {}) if fixed is not None else pick_options(pick, features, dtype, dims, key_block,
                                                                               grad)
     g = None
@@ -56,7 +67,7 @@ def _assemble(pick: Pick, dtype: str, dims: Dims, family: str, kind: str, chunks
     if key_block is not None and key_block != chunks[1]:
         meta["key_block"] = key_block
     return Case(vals.q, vals.k, vals.v, g=g, mask=masking.mask, bias=masking.bias, scale=scale,
-                causal=masking.causal, query_chunk_size=chunks[0], key_chunk_size=chunks[1], family=family,
+                causal=causal, query_chunk_size=chunks[0], key_chunk_size=chunks[1], family=family,
                 mask_kind=kind, meta=meta, layout=layout, **options, **(fixed or {}))
 
 
@@ -90,12 +101,15 @@ def _pick_case(pick: Pick, *, dtypes: tuple[str, ...], features: frozenset[str],
     limits = {"max_len": max_len, "max_heads": max_heads, "max_dim": max_dim, "gqa": "gqa" in features,
               "min_dk": 2 if family == "row-offset" else 1, "constraints": constraints}
     chunked = "chunks" in features
+    size = pick_size(pick) if max_len > SMALL_MAX_LEN else "small"
     if compact:
-        dims, qchunk, kchunk = pick_compact(pick, chunked=chunked, **limits)
+        dims, qchunk, kchunk = pick_compact(pick, chunked=chunked, size=size, **limits)
     else:
-        dims = pick_shape(pick, **limits)
-        qchunk = pick(one_of(chunk_menu(dims["Lq"]))) if chunked else None
-        kchunk = pick(one_of(chunk_menu(dims["Lk"]))) if chunked else None
+        dims = None if size == "small" else pick_large(pick, decode=size == "decode", **limits)
+        menu = large_chunk_menu if dims is not None else chunk_menu
+        dims = dims or pick_shape(pick, **limits)
+        qchunk = pick(one_of(menu(dims["Lq"]))) if chunked else None
+        kchunk = pick(one_of(menu(dims["Lk"]))) if chunked else None
     explicit = "default-scale" not in constraints and pick(one_of((None, "explicit")))
     scale = pick(one_of(SCALES[:1] if compact else SCALES)) if explicit else None
     return _assemble(pick, dtype, dims, family, kind, (qchunk, kchunk), scale, grad, {}, features, layouts)
@@ -115,8 +129,8 @@ def cases(
     families: Sequence[str] = vl.FAMILIES,
     mask_kinds: Sequence[str] = mk.MASK_KINDS,
     max_len: int = 33,
-    max_heads: int = 4,
-    max_dim: int = 16,
+    max_heads: int = 8,
+    max_dim: int = 256,
     grad: bool = True,
     compact: bool = False,
     constraints: Iterable[str] = (),

@@ -1,7 +1,8 @@
 """Mask kinds: which keys each query may see, given as a bool mask, as causal, or as a bias.
 
 - ``none``; ``random`` (a drawn density, per head or shared); ``causal`` (top-left);
-- ``key-padding`` (a valid length per batch); ``masked-rows`` (some rows see no key at all);
+- ``key-padding`` (a valid length per batch); ``padding-random`` (key padding AND a random mask);
+  ``masked-rows`` (some rows see no key at all);
 - ``masked-key-chunk`` (a whole key chunk hidden inside visible rows); ``single-key-edge`` (each row
   sees exactly one key, at a chunk edge);
 - ``bias-inf``, ``bias-finfo-min``, ``bias-1e9``: a random mask expressed as an additive bias of
@@ -11,7 +12,7 @@
 Bias-expressed masks keep the dtype's own rounding: ``-1e9`` is -inf in fp16 (a real masking bug
 source); ``finfo.min`` is finite, so "masked" keys keep a tiny weight and a fully "masked" row is a
 uniform row -- what the oracle computes from the semantics. A kind whose feature the target did not
-declare is never drawn (``MASK_NEEDS``).
+declare is never drawn (``MASK_NEEDS``); ``cases`` also combines any kind with causal masking.
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ from hypothesis import strategies as st
 
 from oracles import spec
 from verify.strategies.menus import SEED, Pick, composite, hypothesis_pick, ints, known, one_of
-from verify.strategies.values import cast, finfo
+from verify.strategies.value_families import cast, finfo
 
 MASK_KINDS: tuple[str, ...] = (
     "none",
     "random",
     "causal",
     "key-padding",
+    "padding-random",
     "masked-rows",
     "masked-key-chunk",
     "single-key-edge",
@@ -43,6 +45,7 @@ MASK_NEEDS: dict[str, str | None] = {
     "random": "mask",
     "causal": "causal",
     "key-padding": "mask",
+    "padding-random": "mask",
     "masked-rows": "mask",
     "masked-key-chunk": "mask",
     "single-key-edge": "mask",
@@ -89,9 +92,11 @@ def pick_masking(pick: Pick, kind: str, dtype: str, dims: dict[str, int], key_bl
         pass
     elif kind == "causal":
         return Masking(None, None, True, params)
-    elif kind == "key-padding":
+    elif kind in ("key-padding", "padding-random"):
         params["valid"] = valid = [pick(ints(1, lk)) for _ in range(b)]
         mask = (np.arange(lk) < np.array(valid)[:, None])[:, None, None, :]
+        if kind == "padding-random":
+            mask = mask & _random_mask(pick, np.random.default_rng(pick(SEED)), dims, params, False)
     elif kind == "masked-key-chunk":  # with Lk = 1 no key can be hidden from a row that still sees one
         block = key_block if key_block < lk else -(-lk // 2)  # one chunk covers all keys: mask half of them
         start = pick(one_of(range(0, lk, block))) if lk > 1 else 0
