@@ -188,3 +188,49 @@ def test_a_target_may_decline_a_case_without_a_finding(monkeypatch):
     out = checks.run_case(adapter, _case(g=False, scale=0.5), checks=("forward",))
     assert out.findings == [] and out.declined == "picky takes no explicit scale"
     assert checks.run_case(adapter, _case(g=False), checks=("forward",)).declined is None
+
+
+def _rows_case(dtype: str = "fp32") -> Case:
+    """Row 1 emptied by the bool mask, row 3 by a -inf bias; the others see keys."""
+    mask = np.ones((1, 1, 5, 7), bool)
+    mask[..., 1, :] = False
+    bias = np.zeros((1, 1, 5, 7), np.float32)
+    bias[..., 3, :] = -np.inf
+    return _case(dtype, mask=mask, bias=bias, mask_kind="custom")
+
+
+def test_masked_row_policy_by_mechanism():
+    pytest.importorskip("torch")
+    case = _rows_case()
+    assert checks.run_case(load("tests.fixture_torch_targets:fill_mask"), case).findings == []
+    found = checks.run_case(load("tests.fixture_torch_targets:fill_mask", masked_rows="uniform"), case).findings
+    assert {(f.category, f.output) for f in found} >= {("masked-row", "out")}
+    assert all(f.index[1] == 3 for f in found if f.output == "out")  # the -inf-bias row, not the mask's
+
+
+def test_an_additive_fill_passes_gradient_that_uniform_allows():
+    pytest.importorskip("torch")
+    case = _rows_case().with_(bias=None)
+    out = checks.run_case(load("tests.fixture_torch_targets:additive_fill"), case)
+    assert out.findings == [], "\n".join(f.message() for f in out.findings)
+    grads = load("tests.fixture_torch_targets:additive_fill").vjp(case)
+    assert np.abs(grads["dq"][0, 1]).max() > 0  # the masked row's dq is not zero, and that is allowed
+
+
+def test_a_declined_gradient_pass_keeps_the_forward_findings():
+    def forward_wrong(q, k, v, **kw):
+        return (ft.reference(q, k, v, **kw).astype(np.float64) * 2).astype(q.dtype)
+
+    def declines(q, k, v, g, **kw):
+        from verify.targets import Unsupported
+
+        raise Unsupported("no gradient for this case")
+
+    forward_wrong.vjp = declines
+    from verify.targets import adapter_for
+    from verify.targets.base import TargetInfo
+
+    adapter = adapter_for(forward_wrong, TargetInfo("fw", "numpy", features=frozenset({"grad"})))
+    out = checks.run_case(adapter, _case())
+    assert out.declined == "no gradient for this case"
+    assert [f.category for f in out.findings] == ["forward"]

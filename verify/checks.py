@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from oracles import naive, spec
-from verify import tolerance
+from verify import policies, tolerance
 from verify.case import Case
 from verify.execution import REPEAT, Calls, InProcess
 from verify.findings import Finding
@@ -110,6 +110,8 @@ class _Findings:
         self.info, self.case, self.truth, self.allow = info, case, truth, allow
         self.found: list[Finding] = []
         self._plain: dict[str, np.ndarray] | None = None
+        self.att = spec.normalize(case.q, case.k, case.v, **case.semantics())
+        self.rows = policies.row_policies(case, self.att, info.masked_rows)  # the empty rows of each policy
 
     def add(self, category: str, check: str, output: str = "out", **kw) -> Finding:
         c = self.case
@@ -160,26 +162,28 @@ class _Findings:
 
     def empty_rows(self, got: np.ndarray, want: np.ndarray, att: spec.Attention) -> None:
         """lse of rows with no visible key (the declared convention) and of +inf-sink rows (+inf)."""
-        policy = self.info.masked_rows
-        convention = self.info.empty_lse or {"zeros": "-inf", "nan": "nan", "uniform": "any"}[policy]
-        expected = {"-inf": -np.inf, "+inf": np.inf, "nan": np.nan}.get(convention)
         got = got.astype(np.float64)
-        bad = np.zeros(got.shape, bool)
-        if expected is not None:
-            ok = np.isnan(got) if convention == "nan" else got == expected
-            bad |= att.masked_row & ~ok
-        bad |= att.infinite_sink_row & (got != np.inf)
+        bad = att.infinite_sink_row & (got != np.inf)
+        conventions = []
+        for policy, rows in self.rows.items():
+            convention = self.info.empty_lse or {"zeros": "-inf", "nan": "nan", "uniform": "any"}[policy]
+            if convention != "any" and rows.any():
+                ok = np.isnan(got) if convention == "nan" else got == {"-inf": -np.inf, "+inf": np.inf}[convention]
+                bad = bad | (rows & ~ok)
+                conventions.append(f"{convention} under {policy}")
         if bad.any():
             idx = np.unravel_index(int(np.argmax(bad)), bad.shape)
             self.add("masked-row", "forward", "lse", count=int(bad.sum()), total=int(bad.size),
                      index=tuple(int(i) for i in idx), got=float(got[idx]), exact=float(want[idx]),
-                     detail=f"lse of a row with no visible key must be {convention} (declared policy {policy!r}); "
-                            "a +inf sink's rows must be +inf")
+                     detail=f"lse of a row with no visible key must be {', '.join(conventions) or '-'} (declared "
+                            f"policy {self.info.masked_rows!r}); a +inf sink's rows must be +inf")
 
     def values(self, check: str, cmp: Comparison, scale: np.ndarray) -> None:
         """masked-row, overflow / nan, underflow and value findings of one compared array."""
         policy = self.info.masked_rows
-        bad_rows = cmp.masked & ((cmp.beyond | cmp.nonfinite) if policy != "nan" else ~np.isnan(cmp.got))
+        nan_rows = np.broadcast_to(np.swapaxes(self.rows["nan"], 1, 2)[..., None], cmp.got.shape) if cmp.masked.any() \
+            and cmp.name in ("out", "dq") else np.zeros(cmp.got.shape, bool)
+        bad_rows = (cmp.masked & ~nan_rows & (cmp.beyond | cmp.nonfinite)) | (nan_rows & ~np.isnan(cmp.got))
         if bad_rows.any():
             self._worst("masked-row", check, cmp, bad_rows, scale, detail=f"declared masked-row policy {policy!r}")
         free = ~cmp.masked
@@ -209,7 +213,7 @@ class _Findings:
         """How a plain same-precision implementation does at element ``idx`` of output ``name``."""
         if self._plain is None:
             c, case = self.info.contract, self.case
-            kw = dict(case.semantics(), masked_rows=self.info.masked_rows, dtype=case.dtype,
+            kw = dict(case.semantics(), masked_rows=policies.single(self.info.masked_rows) or "zeros", dtype=case.dtype,
                       accumulate=c.accumulate, round_logits=c.round_logits, round_probs=c.round_probs)
             with np.errstate(all="ignore"):
                 if self.truth.grads is not None and case.g is not None:
@@ -232,12 +236,6 @@ class _Findings:
             return f"{who} stays finite there ({got:.6g}): a defect of this kernel"
         ratio = abs(got - want) / allowance if allowance > 0 else float("inf")
         return f"{who} errs by {ratio:.3g} × allowance there"
-
-
-def _masked_rows(case: Case, masked_rows: str) -> np.ndarray:
-    """bool [B, Lq, Hq, 1]: rows with no visible key (the masked-row policy governs them)."""
-    att = spec.normalize(case.q, case.k, case.v, masked_rows=masked_rows, **case.semantics())
-    return np.swapaxes(att.masked_row, 1, 2)[..., None]
 
 
 def passes_for(info: TargetInfo, case: Case, checks: tuple[str, ...]) -> tuple[str, ...]:
@@ -281,7 +279,7 @@ def judge(info: TargetInfo, case: Case, truth: Exact, allow: tolerance.Allowance
     """Findings and worst ratios of one case's ``calls`` against ``truth`` under ``allow``."""
     fs = _Findings(info, case, truth, allow)
     ratios: dict[str, float | None] = {}
-    masked = _masked_rows(case, info.masked_rows)
+    masked = np.swapaxes(fs.att.masked_row, 1, 2)[..., None]  # [B, Lq, Hq, 1]: the policies govern these rows
     for name, failure in calls.failures.items():
         if failure.kind in ("raised", "crash"):
             fs.add("crash", name, detail=failure.describe())
@@ -293,8 +291,7 @@ def judge(info: TargetInfo, case: Case, truth: Exact, allow: tolerance.Allowance
     if "lse" in info.features and calls.out is not None:
         lse_dtype = "fp64" if case.dtype == "fp64" else "fp32"
         if calls.lse is not None and fs.structure("forward", "lse", calls.lse, truth.lse.shape, lse_dtype):
-            att = spec.normalize(case.q, case.k, case.v, masked_rows=info.masked_rows, **case.semantics())
-            fs.empty_rows(calls.lse, truth.lse, att)
+            fs.empty_rows(calls.lse, truth.lse, fs.att)
             arrays.append(("forward", "lse", calls.lse, truth.lse, allow.lse, np.ones_like(truth.lse), None))
     if calls.grads is not None:
         for name, want in truth.grads.items():

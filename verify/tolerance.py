@@ -48,7 +48,10 @@ sink's, both from the oracle):
   ``dv: (p*r)^T @ |g| + rho*Sdv``, ``dbias: dSe + rho*Sdbias``,
   ``dsinks: sum p_sink (r_sink (|g_lse| + da) + |g| . allow_out) + rho*Sdsinks``, all times ``slack``,
   with ``rho = 4*u + 2*gamma(max(Lq, Lk, Dk, Dv) + 2)`` (gradients rounded to the dtype, ``dS`` and
-  ``p`` rounded to the dtype in the backward, and its accumulations).
+  ``p`` rounded to the dtype in the backward, and its accumulations). A row under the ``uniform``
+  masked-row policy also allows its ``dSa`` in full in dq, dk and dbias: a kernel that *adds*
+  ``finfo.min`` to masked logits passes the uniform softmax's gradient to them, one that selects
+  (``where``) passes none; both are that policy.
 - ``floor = (n + 2) * tiny(acc) + subnormal_min(dtype)``: gradual underflow or flush-to-zero of
   ``n`` accumulated terms and the final rounding of a subnormal; gradients scale it by the
   largest input magnitude they multiply. Each probability also errs by up to ``tiny(acc)``
@@ -72,6 +75,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from oracles import naive, spec
+from verify import policies
 from verify.case import Case
 from verify.reference import Exact
 from verify.targets.base import Contract
@@ -160,13 +164,15 @@ class _Scales:
     shift: np.ndarray  # s - m (0 where invisible): the argument of exp
     big_a: np.ndarray  # A = p @ |v|
     grads: dict | None = None  # |g|, |g_lse|, dPa, da, dSa, dTa and the gradient scales, with a cotangent
+    uniform: np.ndarray | None = None  # bool [B, H, Lq]: rows under the uniform policy
 
 
 def _prepare(case: Case, p: np.ndarray, masked_rows: str, p_sink: np.ndarray | None) -> _Scales:
-    att = spec.normalize(case.q, case.k, case.v, masked_rows=masked_rows, **case.semantics())
-    if masked_rows == "uniform":
-        # A fully masked row attends uniformly to every key: scales and gradients follow that p.
-        p = np.where(att.masked_row[..., None], 1.0 / att.k.shape[1], p)
+    att = spec.normalize(case.q, case.k, case.v, **case.semantics())
+    uniform = policies.row_policies(case, att, masked_rows)["uniform"]
+    if uniform.any():
+        # A row under the uniform policy attends uniformly to every key: scales and gradients follow that p.
+        p = np.where(uniform[..., None], 1.0 / att.k.shape[1], p)
     q, k, v = _heads(att)
     aq, ak, av = np.abs(q), np.abs(k), np.abs(v)
     scale = att.scale_float()
@@ -188,9 +194,9 @@ def _prepare(case: Case, p: np.ndarray, masked_rows: str, p_sink: np.ndarray | N
         if att.sinks is not None:
             m = np.maximum(m, att.sinks[None, :, None, None])
         shift = np.where(vis, s - np.where(np.isfinite(m), m, 0.0), 0.0)
-    if masked_rows == "uniform":
-        vis = vis | att.masked_row[..., None]
-    sc = _Scales(att, p, p_sink, vis, aq, ak, av, t, sabs, capped, sech2, bias, alibi, s, shift, p @ av)
+    vis = vis | uniform[..., None]
+    sc = _Scales(att, p, p_sink, vis, aq, ak, av, t, sabs, capped, sech2, bias, alibi, s, shift, p @ av,
+                 uniform=uniform)
     if case.g is not None:
         ag = np.abs(spec.to_heads_first(case.g.astype(np.float64)))
         glse = 0.0 if case.g_lse is None else np.abs(case.g_lse.astype(np.float64))[..., None]
@@ -285,6 +291,11 @@ def _allow(sc: _Scales, dtype: str, contract: Contract, lse: np.ndarray | None) 
     scale = abs(att.scale_float())
     mag = max(1.0, scale * max(float(sc.aq.max()), float(sc.ak.max())), float(ag.max()), float(av.max()))
     floor_g = ((d["Lq"] + d["Lk"] + d["Dk"] + d["Dv"] + 2) * _tiny(acc) + _subnormal_min(dtype)) * mag
+    if sc.uniform is not None and sc.uniform.any():
+        # A kernel whose fill is additive (finfo.min added to masked logits) passes the uniform softmax's
+        # gradient to them: dq, dk and dbias of such rows may be anything up to their own scale.
+        dte = dte + np.where(sc.uniform[..., None], dsa, 0.0)
+        dse = dse + np.where(sc.uniform[..., None], dsa, 0.0)
     with np.errstate(invalid="ignore"):
         errs = {
             "dq": spec.to_seq_first(scale * (dte @ sc.ak)),
@@ -366,7 +377,8 @@ def allowance(case: Case, contract: Contract, truth: Exact, masked_rows: str = "
 def flash_rule(case: Case, contract: Contract, truth: Exact, masked_rows: str = "zeros") -> Allowance:
     """The FlashAttention rule: ``ALPHA * err(same-dtype naive) + BETA * u * scale``."""
     base = bound(case, contract, truth.p, masked_rows, truth.p_sink, truth.lse)
-    kw = dict(case.semantics(), masked_rows=masked_rows, dtype=case.dtype, accumulate=contract.accumulate,
+    kw = dict(case.semantics(), masked_rows=policies.single(masked_rows) or "zeros", dtype=case.dtype,
+              accumulate=contract.accumulate,
               round_logits=contract.round_logits, round_probs=contract.round_probs)
     u = base.u
     with np.errstate(invalid="ignore"):

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 
 from oracles import spec
+from verify import policies
 from verify.case import Case
 
 if TYPE_CHECKING:
@@ -95,7 +96,7 @@ class TargetInfo:
     framework: str
     dtypes: tuple[str, ...] = DEFAULT_DTYPES
     features: frozenset[str] = frozenset()
-    masked_rows: str = "zeros"
+    masked_rows: str = "zeros"  # a policy, or one per mechanism: verify.policies
     contract: Contract = field(default_factory=Contract)
     device: str = "cpu"
     description: str = ""
@@ -112,10 +113,7 @@ class TargetInfo:
             raise ValueError(f"unknown features {sorted(unknown)}; known: {', '.join(FEATURES)}")
         for d in self.dtypes:
             spec.dtype_name(d)
-        if self.masked_rows not in spec.MASKED_ROW_POLICIES:
-            raise ValueError(
-                f"unknown masked-row policy {self.masked_rows!r}; known: {', '.join(spec.MASKED_ROW_POLICIES)}"
-            )
+        policies.parse(self.masked_rows)  # one policy, or one per mechanism ("mask:uniform,bias:nan")
         check_constraints(self.constraints)
         if self.empty_lse is not None and self.empty_lse not in EMPTY_LSE:
             raise ValueError(f"unknown empty-row lse {self.empty_lse!r}; known: {', '.join(EMPTY_LSE)}")

@@ -50,8 +50,8 @@ class Option(NamedTuple):
 TARGET_OPTIONS: tuple[Option, ...] = (
     Option("framework", "framework", "str", "framework of a user target", FRAMEWORKS),
     Option("features", "features", "csv", f"declared features, comma list of {','.join(FEATURES)}"),
-    Option("masked_rows", "masked-rows", "str", "declared policy for rows with no visible key",
-           semantics.MASKED_ROW_POLICIES),
+    Option("masked_rows", "masked-rows", "str", f"declared policy for rows with no visible key: one of "
+           f"{','.join(semantics.MASKED_ROW_POLICIES)}, or one per mechanism (mask:uniform,bias:nan)"),
     Option("dtypes", "target-dtypes", "csv", "dtypes the target supports (user targets)"),
     Option("accumulate", "accumulate", "str", "precision contract: dtype of accumulation and statistics",
            ("fp32", "input")),
