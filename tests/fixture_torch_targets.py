@@ -45,3 +45,11 @@ for _fn in (fill_mask, additive_fill):
                       "dtypes": ["fp32", "bf16"]}
 fill_mask.attnverify["masked_rows"] = "mask:uniform,bias:nan"
 additive_fill.attnverify["masked_rows"] = "uniform"
+
+
+def causal_strict(q, k, v, *, mask=None, bias=None, scale=None, causal=False):
+    """A seeded bug: causal masking that also hides the diagonal (``j < i`` instead of ``j <= i``)."""
+    if causal:
+        strict = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool).tril(-1)
+        mask = strict if mask is None else mask & strict
+    return _attention(q, k, v, mask, bias, scale, False, additive=False)

@@ -4,6 +4,7 @@
     attnverify targets [--target T ...]   what can run here, with features, policy and contract
     attnverify fuzz --target T [...]      a campaign; exit 0 clean, 1 findings, 3 incomplete
     attnverify repro FILE                 replay a saved finding without Hypothesis
+    attnverify export FILE                the finding as a standalone pytest file, for a bug report
     attnverify report --target T --out D  accuracy sweep: tables, plots, baseline gate
     attnverify memory --target T          temporary memory against length per chunk policy
     attnverify bundled [--out reports]    the main job: fuzz + reports + gate for every bundled target
@@ -17,12 +18,12 @@ from __future__ import annotations
 import os
 import sys
 
-from verify.commands import bundled, demo, fuzz, memory, report, repro, targets
+from verify.commands import bundled, demo, export, fuzz, memory, report, repro, targets
 from verify.commands.common import Parser, UsageError
 from verify.targets import TargetError, Unavailable
 
-COMMANDS = {"demo": demo, "targets": targets, "fuzz": fuzz, "repro": repro, "report": report, "memory": memory,
-            "bundled": bundled}
+COMMANDS = {"demo": demo, "targets": targets, "fuzz": fuzz, "repro": repro, "export": export, "report": report,
+            "memory": memory, "bundled": bundled}
 
 
 def build_parser() -> Parser:
