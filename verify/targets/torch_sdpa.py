@@ -8,6 +8,14 @@ single ``attn_mask`` (bool, True = attend, or a float added to the logits) and r
   where the mask is False (``torch.where``, so ``dbias`` still flows to the bias);
 - causal alone -> ``is_causal=True``; causal with a mask or bias -> the top-left triangle
   (``j <= i``) folded into that mask;
+- ``align="bottom-right"`` (feature ``bottom-right``): causal alone -> ``attn_mask=causal_lower_right(Lq, Lk)``
+  (``torch.nn.attention.bias``; its ``__torch_function__`` runs ``is_causal=True`` when Lq == Lk, and the
+  materialised lower-right bool mask ``tril(diagonal=Lk - Lq)`` on the math backend and on CPU; on CUDA the
+  flash / efficient kernels take the variant natively); causal with a mask or bias -> that lower-right
+  triangle (``j <= i + Lk - Lq``) folded into the mask as for top-left. When Lq > Lk the first ``Lq - Lk``
+  rows see no key: the math backend gives them zeros (``_safe_softmax``) and zero gradients, although
+  ``causal_lower_right`` warns that such rows "will produce NaNs" (measured in
+  tests/test_targets_sdpa_flex.py);
 - a float mask must be float32 or the query's dtype: the bias is converted exactly to float32
   (float64 for fp64 queries); an fp64 bias that float32 cannot hold exactly is ``Unsupported``;
 - GQA -> ``enable_gqa=True``; ``scale`` is passed through (None = SDPA's own 1/sqrt(Dk)).
@@ -23,10 +31,12 @@ the input dtype) and are not verified here.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
 from verify.targets.base import Contract, TargetInfo, Unsupported
 
@@ -59,7 +69,7 @@ INFO = TargetInfo(
     name="torch-sdpa",
     framework="torch",
     dtypes=("bf16", "fp16", "fp32", "fp64") if BACKEND == "math" else ("bf16", "fp16"),
-    features=frozenset({"mask", "bias", "causal", "gqa", "grad"}),
+    features=frozenset({"mask", "bias", "causal", "gqa", "grad", "bottom-right"}),
     masked_rows="zeros",
     contract=Contract(accumulate="fp32", round_logits=False, round_probs=BACKEND != "math"),
     device=DEVICE,
@@ -78,13 +88,14 @@ def _float_mask(bias: torch.Tensor, query_dtype: torch.dtype) -> torch.Tensor:
 
 
 def _attn_mask(
-    mask: torch.Tensor | None, bias: torch.Tensor | None, causal: bool, lq: int, lk: int, query_dtype: torch.dtype
+    mask: torch.Tensor | None, bias: torch.Tensor | None, causal: bool, lq: int, lk: int, query_dtype: torch.dtype,
+    align: str = "top-left",
 ) -> torch.Tensor | None:
-    """SDPA's single attn_mask for our mask, bias and (when combined with them) causal."""
+    """SDPA's single attn_mask for our mask, bias and (when combined with them) causal, aligned as ``align`` says."""
     visible = mask
     if causal and (mask is not None or bias is not None):
         device = (mask if mask is not None else bias).device
-        tri = torch.ones(lq, lk, dtype=torch.bool, device=device).tril()
+        tri = torch.ones(lq, lk, dtype=torch.bool, device=device).tril(lk - lq if align == "bottom-right" else 0)
         visible = tri if mask is None else mask & tri
     if bias is None:
         return visible
@@ -103,16 +114,24 @@ def attention(
     bias: torch.Tensor | None = None,
     scale: float | None = None,
     causal: bool = False,
+    align: str = "top-left",
 ) -> torch.Tensor:
     """SDPA on ``[B, L, H, D]`` tensors with the selected backend; out ``[B, Lq, Hq, Dv]``."""
-    attn_mask = _attn_mask(mask, bias, causal, q.shape[1], k.shape[1], q.dtype)
+    if align not in ("top-left", "bottom-right"):
+        raise ValueError(f"align must be 'top-left' or 'bottom-right', got {align!r}")
+    lq, lk = q.shape[1], k.shape[1]
+    attn_mask = _attn_mask(mask, bias, causal, lq, lk, q.dtype, align)
+    if causal and attn_mask is None and align == "bottom-right" and lq != lk:
+        with warnings.catch_warnings():  # "will produce NaNs ... when seq_len_q > seq_len_kv": not on this path
+            warnings.simplefilter("ignore", UserWarning)
+            attn_mask = causal_lower_right(lq, lk)
     with sdpa_kernel(_BACKENDS[BACKEND]):
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             k.transpose(1, 2),
             v.transpose(1, 2),
             attn_mask=attn_mask,
-            is_causal=causal and attn_mask is None,
+            is_causal=causal and attn_mask is None,  # top-left, or bottom-right with Lq == Lk (the same triangle)
             scale=scale,
             enable_gqa=q.shape[2] != k.shape[2],
         )
