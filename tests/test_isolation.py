@@ -87,3 +87,15 @@ def test_the_case_is_on_disk_while_the_target_runs(tmp_path):
     stem = ".in-flight-tests_fixture_targets_reference"
     assert seen and all(names == [f"{stem}.json", f"{stem}.npz"] for names in seen)
     assert not list(tmp_path.iterdir())  # removed when the campaign ends
+
+
+def test_a_recycled_worker_is_never_a_finding(tmp_path):
+    adapter = load("tests.fixture_targets:reference")
+    worker = Worker(adapter.target, adapter.info, max_maps=1)  # every case leaves more than one mapping
+    try:
+        camp = fuzz.run(worker, fuzz.Settings(dtypes=("fp32",), checks=("forward",), max_examples=4, database=None,
+                                              repro_dir=tmp_path))
+    finally:
+        worker.close()
+    assert camp.findings == [] and camp.examples["fp32"] == 4
+    assert worker.recycled >= 3 and worker.starts >= worker.recycled  # a fresh worker after each recycle

@@ -101,6 +101,11 @@ class Settings:
     mask_kinds: tuple[str, ...] = strategies.MASK_KINDS
     isolate: bool = True  # run a loadable target in a worker process (verify.isolation); False: --in-process
 
+    def __post_init__(self) -> None:
+        self.repro_dir = Path(self.repro_dir)
+        self.database = None if self.database is None else Path(self.database)
+        self.dtypes, self.checks = tuple(self.dtypes), tuple(self.checks)
+
     def examples_cap(self) -> int | None:
         """Target runs per dtype (None: until the budget)."""
         if self.max_examples is not None:
@@ -129,6 +134,7 @@ class Campaign:
     stats: Stats = field(default_factory=Stats)
     case_sequence: str = ""  # a digest chained over every case run, in order: equal runs drew equal cases
     timeouts: list[float] = field(default_factory=list)  # the limit each timed-out call ran under, in order
+    workers: dict[str, int] = field(default_factory=dict)  # worker processes started / recycled (isolated runs)
 
     @property
     def incomplete(self) -> list[str]:
@@ -153,6 +159,7 @@ class Campaign:
             "stats": self.stats.to_json(),
             "case_sequence": self.case_sequence,
             "timeouts": self.timeouts,
+            "workers": self.workers,
             "findings": [f.to_json() for f in self.findings],
             "unshrunk_findings": [f.to_json() for f in self.provisional],
         }
@@ -262,6 +269,8 @@ def _run(executor: InProcess | Worker, sett: Settings, on_finding: Callable[[Fin
 
     def flush() -> None:
         camp.seconds["total"] = time.monotonic() - start
+        if isinstance(executor, Worker):
+            camp.workers = {"started": executor.starts, "recycled": executor.recycled}
         if json_path:
             _write_json(json_path, camp.to_json())
 

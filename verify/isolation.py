@@ -93,8 +93,8 @@ def _death(exitcode: int | None) -> str:
 class Worker:
     """Runs a loadable target in a child process (see the module doc); the same interface as ``InProcess``."""
 
-    def __init__(self, target: TargetSpec, info: TargetInfo, threads: int = 1) -> None:
-        self.target, self.info, self.threads = target, info, threads
+    def __init__(self, target: TargetSpec, info: TargetInfo, threads: int = 1, max_maps: int = MAX_MAPS) -> None:
+        self.target, self.info, self.threads, self.max_maps = target, info, threads, max_maps
         self._ctx = multiprocessing.get_context("spawn")
         self._proc: multiprocessing.process.BaseProcess | None = None
         self._conn: Connection | None = None
@@ -190,7 +190,7 @@ class Worker:
                 calls.failures.setdefault(base_pass(msg[1]), msg[2])
                 running = None
             elif kind == "end":
-                if msg[1] > MAX_MAPS:  # replace it before the next case: never a finding
+                if msg[1] > self.max_maps:  # replace it before the next case: never a finding
                     self.recycled += 1
                     self.close()
                 break

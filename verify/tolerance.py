@@ -237,8 +237,12 @@ def _logit_error(sc: _Scales, contract: Contract, dtype: str, u: float, ua: floa
     return np.where(att.visible, ds, 0.0), dt
 
 
-def _allow(sc: _Scales, dtype: str, contract: Contract, lse: np.ndarray | None) -> Allowance:
-    """The allowance of a correct implementation in ``dtype`` under ``contract`` (see the module doc)."""
+def _allow(sc: _Scales, dtype: str, contract: Contract, lse: np.ndarray | None, fills: bool = True) -> Allowance:
+    """The allowance of a correct implementation in ``dtype`` under ``contract`` (see the module doc).
+
+    ``fills``: include what the masked-row policy lets a kernel's fill do (an additive fill's gradient
+    on uniform rows); False for the bound of ``oracles.naive`` itself, which selects.
+    """
     att, p, vis, av = sc.att, sc.p, sc.vis, sc.av
     u = spec.unit_roundoff(dtype)
     ua, acc = _acc_unit(dtype, contract)
@@ -291,7 +295,7 @@ def _allow(sc: _Scales, dtype: str, contract: Contract, lse: np.ndarray | None) 
     scale = abs(att.scale_float())
     mag = max(1.0, scale * max(float(sc.aq.max()), float(sc.ak.max())), float(ag.max()), float(av.max()))
     floor_g = ((d["Lq"] + d["Lk"] + d["Dk"] + d["Dv"] + 2) * _tiny(acc) + _subnormal_min(dtype)) * mag
-    if sc.uniform is not None and sc.uniform.any():
+    if fills and sc.uniform is not None and sc.uniform.any():
         # A kernel whose fill is additive (finfo.min added to masked logits) passes the uniform softmax's
         # gradient to them: dq, dk and dbias of such rows may be anything up to their own scale.
         dte = dte + np.where(sc.uniform[..., None], dsa, 0.0)
@@ -351,7 +355,7 @@ def certified_bound(case: Case, contract: Contract, p: np.ndarray, masked_rows: 
     """
     sc = _prepare(case, p, masked_rows, p_sink)
     allow = _allow(sc, case.dtype, contract, lse)
-    own = _allow(sc, "fp64", FLOAT64, lse)
+    own = _allow(sc, "fp64", FLOAT64, lse, fills=False)
     free = np.swapaxes(allow.free_rows, 1, 2)[..., None]  # [B, Lq, Hq, 1], the output's layout
     with np.errstate(invalid="ignore"):
         pairs = [(own.out, allow.out, free)] + [(own.grads[n], allow.grads[n], False) for n in allow.grads]
