@@ -161,3 +161,15 @@ def uniform_rows(q, k, v, **kw):
 uniform_rows.vjp = lambda q, k, v, g, **kw: _same_dtype_vjp(q, k, v, g, masked_rows="uniform", **kw)
 _meta(uniform_rows)
 uniform_rows.attnverify["masked_rows"] = "uniform"
+
+
+def equal_head_dims_only(q, k, v, **kw):
+    """A correct kernel that takes only Dk == Dv and says so by raising ``Unsupported`` (no declaration)."""
+    from verify.targets import Unsupported
+
+    if q.shape[-1] != v.shape[-1]:
+        raise Unsupported("equal_head_dims_only needs Dk == Dv")
+    return _same_dtype(q, k, v, **kw)
+
+
+_meta(equal_head_dims_only, ("mask", "bias", "causal", "gqa"))

@@ -63,3 +63,31 @@ def test_bundled_writes_reproducible_outputs(tmp_path: Path) -> None:
     assert sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p)) == ["timings.json"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["targets"][0]["report"]["baseline"] == "gated" and summary["failures"] == []
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--max-len", "0"], "--max-len must be >= 1, got 0"),
+    (["--max-dim", "3000"], "--max-dim 3000: head dims are drawn up to 256"),
+    (["--tiles", "128", "--max-len", "100"], "max_len (--max-len) 100 does not exceed the tile of 128"),
+    (["--tiles", "64,x"], "argument --tiles: expected comma-separated integers"),
+])
+def test_bad_limits_are_one_line_errors(flags: list[str], message: str, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture) -> None:
+    assert main(["fuzz", "--target", "tests.fixture_targets:reference", *flags, "--max-examples", "2",
+                 "--no-database", "--repro-dir", str(tmp_path), "--in-process", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_an_undeclared_constraint_is_a_counted_decline_and_a_declared_one_is_never_drawn(tmp_path: Path) -> None:
+    def campaign(*flags: str) -> dict:
+        js = tmp_path / f"c{len(flags)}.json"
+        assert main(["fuzz", "--target", "tests.fixture_targets:equal_head_dims_only", *flags, "--dtypes", "fp32",
+                     "--max-examples", "25", "--no-database", "--repro-dir", str(tmp_path), "--in-process", "--quiet",
+                     "--json", str(js)]) == 0
+        return json.loads(js.read_text())
+
+    undeclared = campaign()
+    assert undeclared["findings"] == [] and undeclared["declined"]["fp32"]["equal_head_dims_only needs Dk == Dv"] > 0
+    declared = campaign("--constraints", "dk=dv")
+    assert declared["findings"] == [] and declared["declined"] == {}

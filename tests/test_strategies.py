@@ -11,6 +11,7 @@ from hypothesis import find, given, settings
 from hypothesis import strategies as st
 
 from oracles import spec
+from verify import compat
 from verify import strategies as vs
 from verify.case import Case
 from verify.strategies.sizes import LARGE_WORK
@@ -313,7 +314,8 @@ def test_layouts_are_drawn_where_they_apply() -> None:
         if case.layout == "broadcast-kv":
             assert case.dims["Hkv"] == 1 < case.dims["Hq"]
 
-    collect()
+    with compat.fixed_generation_constants():  # the draws must not depend on which modules earlier tests imported
+        collect()
     assert seen == {"contiguous", "transposed", "sliced", "broadcast-kv", "strided-g"}
 
 
@@ -365,3 +367,21 @@ def test_large_and_decode_shapes_are_drawn_and_shrink_away() -> None:
     small = find(vs.cases(max_len=2048, features=BASE), lambda c: True, settings=settings(derandomize=True,
                                                                                           deadline=None))
     assert max(small.dims["Lq"], small.dims["Lk"]) <= 2  # the size shrinks to small
+
+
+def test_declared_tiles_put_their_edges_among_the_large_lengths():
+    from verify.strategies.menus import numpy_pick
+    from verify.strategies.sizes import LARGE_LENGTHS, pick_large, tile_lengths
+
+    assert tile_lengths((96,), 200) == (95, 96, 97, 191, 192, 193)
+    limits = {"max_len": 2048, "max_heads": 4, "max_dim": 128, "gqa": True, "min_dk": 1,
+              "constraints": frozenset(), "decode": False}
+    pick = numpy_pick(np.random.default_rng(3))
+    seen = {n for _ in range(400) for n in (lambda d: (d["Lq"], d["Lk"]))(pick_large(pick, tiles=(96,), **limits))}
+    own = set(tile_lengths((96,), 2048)) - set(LARGE_LENGTHS)  # 95, 97, 191, 289, ...: no power-of-two tile's
+    assert len(seen & own) >= 10
+    pick = numpy_pick(np.random.default_rng(3))
+    plain = {n for _ in range(400) for n in (lambda d: (d["Lq"], d["Lk"]))(pick_large(pick, **limits))}
+    assert not plain & own  # without the declaration the menu is the common tiles' alone
+    with pytest.raises(ValueError, match="tiles must be positive"):
+        vs.cases(tiles=(0,))

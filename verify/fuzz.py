@@ -164,6 +164,19 @@ class Campaign:
             "unshrunk_findings": [f.to_json() for f in self.provisional],
         }
 
+    @classmethod
+    def from_json(cls, d: dict) -> Campaign:
+        """The campaign ``to_json`` wrote (a fleet's workers send theirs as JSON: ``verify.fleet``)."""
+        return cls(
+            d["target"], dict(d["settings"]), list(d["checks"]), list(d["unexercised_features"]),
+            examples=dict(d["examples"]), findings=[Finding.from_json(f) for f in d["findings"]],
+            worst_ratio={k: dict(v) for k, v in d["worst_ratio"].items()}, seconds=dict(d["seconds"]),
+            coverage=dict(d["coverage"]), interrupted=d["interrupted"],
+            provisional=[Finding.from_json(f) for f in d["unshrunk_findings"]],
+            declined={k: dict(v) for k, v in d["declined"].items()}, unconstrained_rows=d["unconstrained_rows"],
+            references=dict(d["references"]), stats=Stats.from_json(d["stats"]), case_sequence=d["case_sequence"],
+            timeouts=list(d["timeouts"]), workers=dict(d["workers"]))
+
 
 def layouts_for(info: TargetInfo) -> tuple[str, ...]:
     """The memory layouts drawn for a target: all of them for torch and numpy, contiguous for JAX (no strides)."""
@@ -260,6 +273,7 @@ def run(target: Adapter | InProcess | Worker, sett: Settings, on_finding: Callab
 def _run(executor: InProcess | Worker, sett: Settings, on_finding: Callable[[Finding], None] | None,
          json_path: Path | None, on_progress: Callable[[Campaign, str], None] | None) -> Campaign:
     info = executor.info
+    check_limits(info, sett)
     checks = [c for c in sett.checks if c != "grad" or "grad" in info.features]
     camp = Campaign(info.name, {k: str(v) if isinstance(v, Path) else v for k, v in asdict(sett).items()},
                     checks, info.unexercised())
@@ -301,6 +315,14 @@ def _run(executor: InProcess | Worker, sett: Settings, on_finding: Callable[[Fin
     return camp
 
 
+def check_limits(info: TargetInfo, sett: Settings) -> None:
+    """``ValueError`` when the limits leave a declared tile uncrossed (no case could span two of them)."""
+    if info.tiles and sett.max_len <= max(info.tiles):
+        raise ValueError(f"max_len (--max-len) {sett.max_len} does not exceed the tile of {max(info.tiles)} that "
+                         f"{info.name} declares: no case would cross a tile boundary; give at least "
+                         f"{2 * max(info.tiles) + 1}")
+
+
 def in_flight(sett: Settings, info: TargetInfo) -> Path:
     """Where the case being run is written before each call: left behind if the machine dies with it."""
     return sett.repro_dir / f".in-flight-{re.sub(r'[^A-Za-z0-9_-]+', '_', info.name)[:60]}"
@@ -326,7 +348,7 @@ class _Search:
             max_dim=sett.max_dim,
             families=sett.families, mask_kinds=sett.mask_kinds,
             compact=info.framework == "jax" if sett.compact is None else sett.compact,
-            constraints=info.constraints, layouts=layouts_for(info))
+            constraints=info.constraints, layouts=layouts_for(info), tiles=info.tiles)
 
     def run(self) -> str:
         """Search until done; returns what ended it (max_examples, budget, exhausted, max_findings)."""

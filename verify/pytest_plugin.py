@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from verify.targets import TARGET_OPTIONS, TargetError, TargetSpec, Unavailable
+from verify.targets.loader import Option
 
 PROFILES = {"ci": {"seed": 0, "max_examples": 100}, "nightly": {"seed": None, "max_examples": 5000}}
 PREFIX = "attnverify_declared_"  # dests of the declaration flags (apart from the run options)
@@ -56,13 +57,27 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--attnverify-in-process", action="store_true", help="run the target in pytest's process")
 
 
+def _parsed(option: Option, value: str) -> object:
+    """A declaration flag's value as ``TargetSpec`` takes it (comma lists as tuples, of ints for ``ints``)."""
+    if option.kind not in ("csv", "ints"):
+        return value
+    items = tuple(x.strip() for x in value.split(",") if x.strip())
+    if option.kind == "csv":
+        return items
+    try:
+        return tuple(int(x) for x in items)
+    except ValueError:
+        raise pytest.UsageError(f"--attnverify-{option.flag}: expected comma-separated integers, "
+                                f"got {value!r}") from None
+
+
 def _spec(config: pytest.Config) -> TargetSpec:
     opt = config.getoption
     declared = {}
     for o in TARGET_OPTIONS:
         value = opt(PREFIX + o.field)
         if value is not None:
-            declared[o.field] = tuple(x.strip() for x in value.split(",") if x.strip()) if o.kind == "csv" else value
+            declared[o.field] = _parsed(o, value)
     return TargetSpec(opt("attnverify_target"), **declared)
 
 

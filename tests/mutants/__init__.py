@@ -53,6 +53,7 @@ class Mutant:
     description: str
     witness: Callable[[], Case] | None = None
     near_miss: Callable[[], Case] | None = None
+    tiles: tuple[int, ...] = ()  # declared fixed tiles (the tiled zoo)
 
     def info(self) -> TargetInfo:
         """The target description the harness runs this implementation under."""
@@ -63,6 +64,7 @@ class Mutant:
             masked_rows="zeros",
             contract=CONTRACT,
             description=self.description,
+            tiles=self.tiles,
         )
 
 
@@ -163,6 +165,7 @@ MODERN_MUTANTS: dict[str, Mutant] = {
 
 TILED_FEATURES = frozenset({"mask", "bias", "causal", "gqa", "grad", "lse", "bottom-right"})
 
+TILES = (tiled.TILE_M, tiled.TILE_N)  # the tiled zoo declares its query and key tiles
 TILED_BASE = Mutant(
     "tiled-clean",
     tiled.make("none"),
@@ -170,6 +173,7 @@ TILED_BASE = Mutant(
     kind="none",
     description="fixed tiles of 64 queries x 128 keys, head dim in blocks of 64, causal tile skipping, split-KV "
                 "decoding (Lq <= 4, Lk >= 512), fp32 statistics, tiled backward",
+    tiles=TILES,
 )
 
 _TILED_TABLE: list[tuple[str, str, str, Callable[[], Case], Callable[[], Case]]] = [
@@ -197,6 +201,6 @@ _TILED_TABLE: list[tuple[str, str, str, Callable[[], Case], Callable[[], Case]]]
 ]
 
 TILED_MUTANTS: dict[str, Mutant] = {
-    name: Mutant(name, tiled.make(name), TILED_FEATURES, kind, description, witness, near)
+    name: Mutant(name, tiled.make(name), TILED_FEATURES, kind, description, witness, near, TILES)
     for name, kind, description, witness, near in _TILED_TABLE
 }

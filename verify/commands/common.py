@@ -56,7 +56,7 @@ def add_target_arguments(p: argparse.ArgumentParser, required: bool = True) -> N
             p.add_argument(f"--{opt.flag}", dest=dest, action=argparse.BooleanOptionalAction, default=None,
                            help=opt.help.replace("%", "%%"))
         else:
-            p.add_argument(f"--{opt.flag}", dest=dest, type=csv if opt.kind == "csv" else str,
+            p.add_argument(f"--{opt.flag}", dest=dest, type={"csv": csv, "ints": ints}.get(opt.kind, str),
                            choices=opt.choices, help=opt.help.replace("%", "%%"))
 
 

@@ -29,6 +29,12 @@ def run(args: argparse.Namespace) -> int:
               f"  not exercised={','.join(info.unexercised()) or '-'}")
         print(f"{pad}     masked-rows={info.masked_rows}  contract: accumulate={c.accumulate} "
               f"round_logits={c.round_logits} round_probs={c.round_probs}")
+        limits = [f"constraints={','.join(sorted(info.constraints))}" if info.constraints else "",
+                  f"tiles={','.join(map(str, info.tiles))}" if info.tiles else "",
+                  f"empty-row lse={info.empty_lse}" if info.empty_lse else "",
+                  "nondeterministic" if info.nondeterministic else ""]
+        if any(limits):
+            print(f"{pad}     {'  '.join(x for x in limits if x)}")
         if info.notes:
             print(f"{pad}     notes: {info.notes}")
     return 0

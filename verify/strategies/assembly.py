@@ -73,7 +73,8 @@ def _assemble(pick: Pick, dtype: str, dims: Dims, family: str, kind: str, chunks
 
 def _options(dtypes: Sequence[str], features: Iterable[str], families: Sequence[str], mask_kinds: Sequence[str],
              max_len: int, max_heads: int, max_dim: int, grad: bool, compact: bool,
-             constraints: Iterable[str] = (), layouts: Sequence[str] = ("contiguous",)) -> dict:
+             constraints: Iterable[str] = (), layouts: Sequence[str] = ("contiguous",),
+             tiles: Iterable[int] = ()) -> dict:
     """Validated options of ``cases``: ``ValueError`` naming the first bad one."""
     features = frozenset(features)
     unknown = sorted(set(features) - set(FEATURES))
@@ -82,6 +83,9 @@ def _options(dtypes: Sequence[str], features: Iterable[str], families: Sequence[
     constraints = frozenset(constraints)
     check_constraints(constraints)
     layouts = known("layout", layouts, lay.LAYOUTS)
+    tiles = tuple(sorted(set(tiles)))
+    if any(not isinstance(t, int) or t < 1 for t in tiles):
+        raise ValueError(f"tiles must be positive integers, got {list(tiles)}")
     families = tuple(f for f in known("family", families, vl.FAMILIES) if f != "row-offset" or max_dim >= 2)
     if not families:
         raise ValueError("row-offset needs max_dim >= 2")
@@ -89,12 +93,12 @@ def _options(dtypes: Sequence[str], features: Iterable[str], families: Sequence[
     return {"dtypes": tuple(spec.dtype_name(d) for d in dtypes), "features": features, "families": families,
             "mask_kinds": kinds or ("none",), "max_len": max_len, "max_heads": max_heads, "max_dim": max_dim,
             "grad": bool(grad and "grad" in features), "compact": compact, "constraints": constraints,
-            "layouts": layouts}
+            "layouts": layouts, "tiles": tiles}
 
 
 def _pick_case(pick: Pick, *, dtypes: tuple[str, ...], features: frozenset[str], families: tuple[str, ...],
                mask_kinds: tuple[str, ...], max_len: int, max_heads: int, max_dim: int, grad: bool,
-               compact: bool, constraints: frozenset[str], layouts: tuple[str, ...]) -> Case:
+               compact: bool, constraints: frozenset[str], layouts: tuple[str, ...], tiles: tuple[int, ...]) -> Case:
     dtype = pick(one_of(dtypes))
     family = pick(one_of(families))
     kind = pick(one_of(mask_kinds))
@@ -105,7 +109,7 @@ def _pick_case(pick: Pick, *, dtypes: tuple[str, ...], features: frozenset[str],
     if compact:
         dims, qchunk, kchunk = pick_compact(pick, chunked=chunked, size=size, **limits)
     else:
-        dims = None if size == "small" else pick_large(pick, decode=size == "decode", **limits)
+        dims = None if size == "small" else pick_large(pick, decode=size == "decode", tiles=tiles, **limits)
         menu = large_chunk_menu if dims is not None else chunk_menu
         dims = dims or pick_shape(pick, **limits)
         qchunk = pick(one_of(menu(dims["Lq"]))) if chunked else None
@@ -135,14 +139,16 @@ def cases(
     compact: bool = False,
     constraints: Iterable[str] = (),
     layouts: Sequence[str] = ("contiguous",),
+    tiles: Iterable[int] = (),
 ) -> st.SearchStrategy[Case]:
     """Cases for a target declaring ``features``: nothing undeclared is generated (no mask without "mask",
     no bias masks without "bias", Hq == Hkv without "gqa", chunk sizes None without "chunks", g only with
     ``grad`` and "grad", no modern option without its feature) and nothing its ``constraints``
     (``targets.base.CONSTRAINTS``) exclude. ``compact`` draws shapes and chunks from ``COMPACT_SHAPES``
-    (jitted targets); ``layouts`` are the memory layouts to draw (``verify.targets.layouts``)."""
+    (jitted targets); ``layouts`` are the memory layouts to draw (``verify.targets.layouts``); ``tiles``,
+    a kernel's fixed tile sizes, add their multiples +- 1 to the large lengths (``sizes.tile_lengths``)."""
     options = _options(dtypes, features, families, mask_kinds, max_len, max_heads, max_dim, grad, compact,
-                       constraints, layouts)
+                       constraints, layouts, tiles)
     _pick_case(numpy_pick(np.random.default_rng(0)), **options)  # bad limits fail now, not mid-campaign
     return _cases(**options)
 

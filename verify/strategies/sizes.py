@@ -18,6 +18,9 @@ campaign within minutes while reaching L >= 1024 and head dim 128 in a few hundr
   GQA, but at most ``LARGE_WORK`` query-key pairs in all; chunk sizes from ``large_chunk_menu(L)``
   (None, tile sizes, a non-divisor, L-1, L: at least 64, so a chunked loop stays within ~1000 blocks).
 - decode: Lq in 1..4, Lk from ``LARGE_LENGTHS`` between 255 and ``2 * max_len`` (4096 by default).
+- a target that declares its fixed tiles (``TargetInfo.tiles``, e.g. 96 or 48) adds their multiples
+  +- 1 to the large and decode lengths (``tile_lengths``), so every partial-tile edge of its own
+  geometry is drawn, not only those of the common power-of-two tiles.
 
 Query and key lengths are drawn independently, Hq is a multiple of Hkv (grouped-query attention)
 and Dk, Dv are drawn independently, except where a target's constraints tie them.
@@ -79,6 +82,12 @@ def length_menu(max_len: int = 33) -> tuple[int, ...]:
     return menu
 
 
+def tile_lengths(tiles: tuple[int, ...], limit: int) -> tuple[int, ...]:
+    """Multiples of each tile and one either side (k*T - 1, k*T, k*T + 1), up to ``limit``."""
+    return tuple(sorted({n for t in tiles for k in range(1, limit // t + 2) for n in (k * t - 1, k * t, k * t + 1)
+                         if 1 <= n <= limit}))
+
+
 def large_chunk_menu(length: int) -> tuple[int | None, ...]:
     """Chunk sizes for a long sequence: None, 64, 128, 256, 512, a non-divisor, L-1, L (none below 64)."""
     non_divisor = next((c for c in range(max(64, length // 3), length) if length % c), None)
@@ -138,10 +147,13 @@ def _heads(pick: Pick, hkv_max: int, max_heads: int, gqa: bool) -> tuple[int, in
 
 
 def pick_large(pick: Pick, *, max_len: int, max_heads: int, max_dim: int, gqa: bool, min_dk: int,
-               constraints: frozenset[str], decode: bool) -> Dims | None:
+               constraints: frozenset[str], decode: bool, tiles: tuple[int, ...] = ()) -> Dims | None:
     """Dims of a ``large`` (or ``decode``) case, or None when nothing fits the limits and constraints."""
     nl, nd = multiple_of(constraints, "len"), multiple_of(constraints, "dim")
-    lengths = tuple(n for n in LARGE_LENGTHS if n <= (2 * max_len if decode else max_len) and n % nl == 0
+    limit = 2 * max_len if decode else max_len
+    extra = {n for n in tile_lengths(tiles, limit) if n >= LARGE_LENGTHS[0]}
+    menu = sorted(set(LARGE_LENGTHS) | extra) if extra else LARGE_LENGTHS
+    lengths = tuple(n for n in menu if n <= limit and n % nl == 0
                     and (n >= 255 or not decode))  # decoding reads a long cache
     dims = tuple(d for d in LARGE_HEAD_DIMS if d <= max_dim and d % nd == 0 and d >= min_dk)
     if not lengths or not dims:

@@ -10,9 +10,10 @@ Each family is one idea, named so that findings and reports can say which one br
 - ``spread``: logits spread so most ``exp`` underflow, in descending, ascending or shuffled key order;
 - ``big-values`` / ``tiny-values``: values near the dtype's max / down in its subnormals;
 - ``cancel``: paired keys whose values cancel (outputs much smaller than their scale A);
-- ``rising`` / ``falling``: logits ordered along the keys, rising by a drawn total of 4..40 from the
-  first key to the last: every key chunk (or tile) raises the running max, so every chunk rescales
-  the accumulator -- the most rescalings a kernel can do -- or, falling, none after the first.
+- ``rising`` / ``falling``: logits strictly ordered along the keys (before rounding to the dtype),
+  rising by a drawn total of 4..40 from the first key to the last, with noise below half a step:
+  every key chunk (or tile) raises the running max, so every chunk rescales the accumulator -- the
+  most rescalings a kernel can do -- or, falling, none after the first.
 
 Decisions worth knowing:
 
@@ -167,6 +168,7 @@ def pick_values(
         params["rise"] = rise = pick(floats(4.0, 40.0))
         pos = np.arange(lk) if family == "rising" else np.arange(lk)[::-1]
         q, k = _bounded(rng, dims, s)
+        q *= min(1.0, 0.45 * rise / max(lk - 1, 1))  # noise below half a step: strictly ordered logits
         channel = np.sqrt(rise / s)
         q[..., -1] = channel
         k[..., -1] = (pos * rise / max(lk - 1, 1) / (s * channel))[None, :, None]

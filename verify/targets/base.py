@@ -104,6 +104,7 @@ class TargetInfo:
     constraints: frozenset[str] = frozenset()
     empty_lse: str | None = None  # None: what the masked-row policy implies (zeros -inf, nan NaN, uniform any)
     nondeterministic: bool = False  # run-to-run differences are allowed (within the allowance)
+    tiles: tuple[int, ...] = ()  # fixed tile sizes of the kernel (rows or keys per block): lengths cross them
 
     def __post_init__(self) -> None:
         if self.framework not in FRAMEWORKS:
@@ -115,6 +116,8 @@ class TargetInfo:
             spec.dtype_name(d)
         policies.parse(self.masked_rows)  # one policy, or one per mechanism ("mask:uniform,bias:nan")
         check_constraints(self.constraints)
+        if any(not isinstance(t, int) or isinstance(t, bool) or t < 1 for t in self.tiles):
+            raise ValueError(f"tiles must be positive integers, got {list(self.tiles)}")
         if self.empty_lse is not None and self.empty_lse not in EMPTY_LSE:
             raise ValueError(f"unknown empty-row lse {self.empty_lse!r}; known: {', '.join(EMPTY_LSE)}")
 

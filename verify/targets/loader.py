@@ -30,6 +30,8 @@ BUNDLED: dict[str, str] = {
     "mea-torch": "verify.targets.mea_torch",
     "mea-jax": "verify.targets.mea_jax",
     "triton-flash": "verify.targets.triton_flash",
+    "torch-sdpa-flash": "verify.targets.torch_sdpa_flash",
+    "torch-flex": "verify.targets.torch_flex",
 }
 
 
@@ -61,6 +63,8 @@ TARGET_OPTIONS: tuple[Option, ...] = (
     Option("empty_lse", "empty-lse", "str", "lse the target returns for a row with no visible key", EMPTY_LSE),
     Option("nondeterministic", "nondeterministic", "bool", "run-to-run differences allowed (within the allowance)"),
     Option("device", "device", "str", "where a user target runs: cpu, cuda, cuda:1 (torch) or gpu (jax)"),
+    Option("tiles", "tiles", "ints", "the kernel's fixed tile sizes, comma list (e.g. 64,128): large cases "
+           "take lengths at their multiples +-1"),
 )
 _CONTRACT_FIELDS = ("accumulate", "round_logits", "round_probs")
 
@@ -81,9 +85,10 @@ class TargetSpec:
     empty_lse: str | None = None
     nondeterministic: bool | None = None
     device: str | None = None
+    tiles: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        for name in ("features", "dtypes", "constraints"):
+        for name in ("features", "dtypes", "constraints", "tiles"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, tuple):
                 object.__setattr__(self, name, tuple(value))
@@ -119,7 +124,7 @@ class TargetSpec:
     def _resolve(self, meta: dict) -> TargetInfo:
         """This spec's declarations over the function's metadata over the defaults."""
         unknown = set(meta) - {"framework", "features", "masked_rows", "dtypes", "contract", "description", "notes",
-                               "constraints", "empty_lse", "nondeterministic", "device"}
+                               "constraints", "empty_lse", "nondeterministic", "device", "tiles"}
         if unknown:
             raise TargetError(f"target {self.name!r}: unknown keys {sorted(unknown)} in its attnverify metadata")
         framework = self.framework or meta.get("framework")
@@ -131,11 +136,12 @@ class TargetSpec:
         contract.update({k: getattr(self, k) for k in _CONTRACT_FIELDS if getattr(self, k) is not None})
         kw = {"name": self.name, "framework": framework, "description": meta.get("description", "user target"),
               "notes": meta.get("notes", "")}
-        for name in ("features", "masked_rows", "dtypes", "constraints", "empty_lse", "nondeterministic", "device"):
+        for name in ("features", "masked_rows", "dtypes", "constraints", "empty_lse", "nondeterministic", "device",
+                     "tiles"):
             value = getattr(self, name) if getattr(self, name) is not None else meta.get(name)
             if value is not None:
                 kw[name] = (frozenset(value) if name in ("features", "constraints") else tuple(value)
-                            if name == "dtypes" else value)
+                            if name in ("dtypes", "tiles") else value)
         try:
             return TargetInfo(contract=Contract(**contract), **kw)
         except (TypeError, ValueError) as exc:
@@ -162,7 +168,7 @@ class TargetSpec:
         c = info.contract
         return cls(info.name, info.framework, tuple(sorted(info.features)), info.masked_rows, tuple(info.dtypes),
                    c.accumulate, c.round_logits, c.round_probs, tuple(sorted(info.constraints)), info.empty_lse,
-                   info.nondeterministic, info.device)
+                   info.nondeterministic, info.device, tuple(info.tiles))
 
 
 def load(name: str, **declared: object) -> Adapter:

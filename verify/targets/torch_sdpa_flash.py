@@ -71,6 +71,7 @@ INFO = TargetInfo(
     masked_rows="zeros",
     contract=Contract(accumulate="fp32", round_logits=False, round_probs=True),
     constraints=frozenset({"dk=dv"}),
+    tiles=(32, 64, 256, 512),
     description="scaled_dot_product_attention with SDPBackend.FLASH_ATTENTION on CPU "
                 "(aten::_scaled_dot_product_flash_attention_for_cpu; query tiles 32/64/256, key tiles 512)",
     notes=(

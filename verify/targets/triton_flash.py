@@ -121,6 +121,7 @@ INFO = TargetInfo(
     masked_rows="zeros",
     contract=Contract(accumulate="fp32", round_logits=False, round_probs=True),
     device="cuda" if COMPILED else "cpu",
+    tiles=(64,),
     description=(
         "our FlashAttention-2-style Triton kernel (64x64 tiles, online softmax, FA2 backward); "
         + ("compiled for CUDA" if COMPILED else "Triton interpreter on CPU")
