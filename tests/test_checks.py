@@ -234,3 +234,31 @@ def test_a_declined_gradient_pass_keeps_the_forward_findings():
     out = checks.run_case(adapter, _case())
     assert out.declined == "no gradient for this case"
     assert [f.category for f in out.findings] == ["forward"]
+
+
+def test_an_lse_of_minus_inf_on_a_visible_row_is_an_underflow_and_names_no_sink(monkeypatch):
+    def lost_row(q, k, v, **kw):
+        out, lse = ft.modern_reference(q, k, v, **kw)
+        lse = lse.copy()
+        lse[0, 0, 1] = -np.inf  # row 1 of head 0 has visible keys: a kernel that took it for an empty row
+        return out, lse
+
+    lost_row.attnverify = dict(ft.modern_reference.attnverify, features=["lse"])
+    mod = types.ModuleType("lost_row_target")
+    mod.lost_row = lost_row
+    monkeypatch.setitem(sys.modules, "lost_row_target", mod)
+    out = checks.run_case(load("lost_row_target:lost_row"), _case(g=False), checks=("forward",))
+    assert [(f.category, f.output) for f in out.findings] == [("underflow", "lse")]
+    assert "log 0" in out.findings[0].message() and "overflow" not in out.findings[0].message()
+
+    def empty_posinf(q, k, v, **kw):
+        out, lse = ft.modern_reference(q, k, v, **kw)
+        return out, np.where(np.isneginf(lse), np.inf, lse)
+
+    empty_posinf.attnverify = dict(ft.modern_reference.attnverify, features=["mask", "lse"])
+    mod.empty_posinf = empty_posinf
+    mask = np.ones((1, 1, 5, 7), bool)
+    mask[..., 2, :] = False
+    found = checks.run_case(load("lost_row_target:empty_posinf"), _case(g=False, mask=mask), checks=("forward",))
+    assert [(f.category, f.output) for f in found.findings] == [("masked-row", "lse")]
+    assert "sink" not in found.findings[0].message()  # the case has no sinks

@@ -176,7 +176,8 @@ class _Findings:
             self.add("masked-row", "forward", "lse", count=int(bad.sum()), total=int(bad.size),
                      index=tuple(int(i) for i in idx), got=float(got[idx]), exact=float(want[idx]),
                      detail=f"lse of a row with no visible key must be {', '.join(conventions) or '-'} (declared "
-                            f"policy {self.info.masked_rows!r}); a +inf sink's rows must be +inf")
+                            f"policy {self.info.masked_rows!r})"
+                            + ("; a +inf sink's rows must be +inf" if att.infinite_sink_row.any() else ""))
 
     def values(self, check: str, cmp: Comparison, scale: np.ndarray) -> None:
         """masked-row, overflow / nan, underflow and value findings of one compared array."""
@@ -187,13 +188,18 @@ class _Findings:
         if bad_rows.any():
             self._worst("masked-row", check, cmp, bad_rows, scale, detail=f"declared masked-row policy {policy!r}")
         free = ~cmp.masked
-        selections = (("nan", cmp.nonfinite & free & np.isnan(cmp.got)),
-                      ("overflow", cmp.nonfinite & free & np.isinf(cmp.got)),
-                      ("underflow", cmp.underflow),
-                      (check, cmp.beyond & free & ~cmp.underflow))
-        for category, sel in selections:
+        # lse = -inf where it is finite is log(0): the row's sum vanished (every weight underflowed, or the
+        # row was taken for one without visible keys): an underflow, not an overflow.
+        lost = cmp.nonfinite & free & (cmp.got == -np.inf) if cmp.name == "lse" else np.zeros(cmp.got.shape, bool)
+        selections = (("nan", cmp.nonfinite & free & np.isnan(cmp.got), ""),
+                      ("overflow", cmp.nonfinite & free & np.isinf(cmp.got) & ~lost, ""),
+                      ("underflow", lost, "lse is -inf (log 0) on rows that have visible keys: their sum of weights "
+                                          "vanished, or they were taken for rows without visible keys"),
+                      ("underflow", cmp.underflow & ~lost, ""),
+                      (check, cmp.beyond & free & ~cmp.underflow & ~lost, ""))
+        for category, sel, detail in selections:
             if sel.any():
-                self._worst(category, check, cmp, sel, scale)
+                self._worst(category, check, cmp, sel, scale, detail=detail)
 
     def _worst(self, category: str, check: str, cmp: Comparison, sel: np.ndarray, scale: np.ndarray,
                detail: str = "") -> None:

@@ -76,8 +76,7 @@ class Finding:
 
     def message(self) -> str:
         """The multi-line report a reader of a failed CI log needs."""
-        head = f"FAIL {self.category} · {self.target} · {self.dtype} · family={self.family} · mask={self.mask_kind}"
-        lines = [head, f"  {self.describe}"]
+        lines = [f"FAIL {self.category} · {self.target} · {self.dtype} · {self.output}", f"  {self.describe}"]
         if self.got is not None and self.exact is not None and self.index is not None:
             where = f"{self.output}[{','.join(str(i) for i in self.index)}]"
             what = _WHAT.get(self.category, "beyond the allowance")
