@@ -87,6 +87,11 @@ class Stats:
                 "counts": {k: dict(sorted(v.items(), key=lambda kv: _order(kv[0])))
                            for k, v in sorted(self.counts.items())}}
 
+    @classmethod
+    def from_json(cls, d: dict) -> Stats:
+        """The counters ``to_json`` wrote."""
+        return cls(d["examples"], d["max_len"], d["max_dim"], {k: Counter(v) for k, v in d["counts"].items()})
+
     def lines(self) -> list[str]:
         """One line per counter, for ``--stats``."""
         out = [f"examples {self.examples}; largest L {self.max_len}, largest head dim {self.max_dim}"]

@@ -1,4 +1,4 @@
-"""``attnverify fuzz``: a campaign on one target; prints findings as they come, exits 0 / 1 / 3."""
+"""``attnverify fuzz``: a campaign on one target (or a fleet of them); prints findings as they come, exits 0 / 1 / 3."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import time
 from pathlib import Path
 
 from oracles import spec
-from verify import fuzz, strategies
+from verify import fleet, fuzz, strategies
 from verify.checks import CHECKS
 from verify.commands.common import UsageError, add_target_arguments, csv, default, target_spec
+from verify.findings import Finding
 from verify.strategies.sizes import LARGE_HEAD_DIMS
 from verify.tolerance import POLICIES
 
@@ -47,6 +48,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-database", action="store_true")
     p.add_argument("--in-process", action="store_true", help="run the target in this process (faster; a "
                    "segfault or abort of the target then ends the campaign)")
+    p.add_argument("--workers", type=int, help="run N campaigns at once in N local processes (distinct seeds "
+                   "derived from --seed, one shared --database, findings merged by category x dtype x output, the "
+                   "smallest reproducer kept); each worker runs the whole campaign, --max-examples and --budget each")
+    p.add_argument("--scheduler", metavar="ADDRESS", help="run the campaigns on this Dask cluster instead, one per "
+                   "Dask worker (--workers: how many); the target's module and --database must be reachable there")
     p.add_argument("--stats", action="store_true", help="print what was generated (shapes, chunks, masks, ...)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
@@ -70,6 +76,8 @@ def settings_from(args: argparse.Namespace) -> fuzz.Settings:
         raise UsageError(f"--budget must be positive, got {args.budget}")
     if args.max_len < 1:
         raise UsageError(f"--max-len must be >= 1, got {args.max_len}")
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
     if not 1 <= args.max_dim <= MAX_HEAD_DIM:
         raise UsageError(f"--max-dim {args.max_dim}: head dims are drawn up to {MAX_HEAD_DIM} (the largest real "
                          f"kernels take); give 1..{MAX_HEAD_DIM}")
@@ -82,20 +90,40 @@ def settings_from(args: argparse.Namespace) -> fuzz.Settings:
 
 
 class Progress:
-    """A progress line on stderr at most every ``PROGRESS_EVERY`` seconds."""
+    """A progress line on stderr at most every ``PROGRESS_EVERY`` seconds: where it is, examples/s, findings, time."""
 
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
+    def __init__(self, enabled: bool, budget: float | None = None) -> None:
+        self.enabled, self.budget = enabled, budget
         self.start = self.last = time.monotonic()
 
-    def __call__(self, camp: fuzz.Campaign, dtype: str) -> None:
+    def _due(self) -> bool:
         now = time.monotonic()
         if not self.enabled or now - self.last < PROGRESS_EVERY:
-            return
+            return False
         self.last = now
-        n = sum(camp.examples.values())
-        print(f"  ... {camp.target}: {dtype}, {camp.examples.get(dtype, 0)} examples ({n} in all, "
-              f"{n / max(now - self.start, 1e-9):.1f}/s), {len(camp.findings)} finding(s), {now - self.start:.0f} s",
+        return True
+
+    def __call__(self, camp: fuzz.Campaign, dtype: str) -> None:
+        if self._due():
+            n = sum(camp.examples.values())
+            self._print(camp, f"{dtype}, {camp.examples.get(dtype, 0)} examples ({n} in all, {self._rate(n)})", "")
+
+    def fleet(self, fl: fleet.Fleet) -> None:
+        """The same line for a fleet: the dtypes its workers are on, examples of all of them, merged findings."""
+        if self._due():
+            camp = fl.campaign()
+            n = sum(camp.examples.values())
+            self._print(camp, f"{len(fl.rows)} workers on {fl.current()}, {n} examples ({self._rate(n)})",
+                        f" ({fl.raw} before merging)")
+
+    def _rate(self, n: int) -> str:
+        return f"{n / max(time.monotonic() - self.start, 1e-9):.1f}/s"
+
+    def _print(self, camp: fuzz.Campaign, where: str, merged: str) -> None:
+        t = time.monotonic() - self.start
+        shrinking = f", {len(camp.provisional)} being shrunk" if camp.provisional else ""
+        budget = f" of {self.budget:g} s" if self.budget else ""
+        print(f"  ... {camp.target}: {where}, {len(camp.findings)} finding(s){merged}{shrinking}, {t:.0f} s{budget}",
               file=sys.stderr, flush=True)
 
 
@@ -110,7 +138,14 @@ def run(args: argparse.Namespace) -> int:
     skipped = [d for d in sett.dtypes if d not in info.dtypes]
     cap = sett.examples_cap()
     size = f"{cap} target runs per dtype" if cap else "until the budget"
-    print(f"fuzz {info.name}: dtypes {','.join(dtypes) or '-'}, checks {','.join(checks)}, {size}"
+    many = args.workers is not None or args.scheduler is not None
+    workers = ""
+    if args.scheduler:
+        count = f"{args.workers} campaigns" if args.workers else "one campaign per Dask worker"
+        workers = f"{count} on dask {args.scheduler}, "
+    elif many:
+        workers = f"{args.workers} campaigns in local processes, "
+    print(f"fuzz {info.name}: {workers}dtypes {','.join(dtypes) or '-'}, checks {','.join(checks)}, {size}"
           + (f", budget {sett.budget:g} s" if sett.budget else "") + f", tolerance {sett.policy}, seed {sett.seed}",
           flush=True)
     if skipped:
@@ -118,9 +153,16 @@ def run(args: argparse.Namespace) -> int:
     if info.unexercised():
         print(f"not exercised (undeclared): {', '.join(info.unexercised())}")
     json_path = Path(args.json) if args.json else None
+    progress = Progress(not args.quiet, sett.budget)
+    fl = None
     try:
-        camp = fuzz.run(adapter, sett, on_finding=lambda f: print(f.message() + "\n", flush=True),
-                        json_path=json_path, on_progress=Progress(not args.quiet))
+        if many:
+            fl = fleet.run(adapter, sett, workers=args.workers, scheduler=args.scheduler, on_finding=merged_finding,
+                           on_progress=progress.fleet, json_path=json_path)
+            camp = fl.campaign()
+        else:
+            camp = fuzz.run(adapter, sett, on_finding=lambda f: print(f.message() + "\n", flush=True),
+                            json_path=json_path, on_progress=progress)
     except fuzz.Interrupted as exc:
         where = f"; {json_path} is complete (interrupted: true)" if json_path else ""
         print(f"interrupted ({exc}): findings so far are saved in {sett.repro_dir}{where}", file=sys.stderr)
@@ -128,10 +170,34 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"interrupted: findings so far are saved in {sett.repro_dir}", file=sys.stderr)
         return EXIT_SIGINT
+    if fl is not None:
+        fleet_summary(fl)
     summary(camp, args.stats)
     if camp.findings:
         return EXIT_FINDINGS
-    return EXIT_INCOMPLETE if camp.incomplete else EXIT_CLEAN
+    return EXIT_INCOMPLETE if camp.incomplete or (fl is not None and fl.failed) else EXIT_CLEAN
+
+
+def merged_finding(f: Finding, replaced: Finding | None) -> None:
+    """A fleet's finding: the whole message for the first of its key, one line for a smaller reproducer."""
+    if replaced is None:
+        print(f.message() + "\n", flush=True)
+    else:
+        print(f"smaller reproducer of {f.category}/{f.output}/{f.dtype} ({f.describe}): "
+              f"attnverify repro {f.case_file}\n", flush=True)
+
+
+def fleet_summary(fl: fleet.Fleet) -> None:
+    """One line per worker, the merge, and each worker that failed."""
+    for row in fl.rows:
+        c = row.campaign
+        ran = sum(c.examples.values()) if c else 0
+        state = f"FAILED: {row.error}" if row.error else "stopped" if row.stopped else \
+            f"{len(c.findings) if c else 0} finding(s)"
+        print(f"worker {row.index} (seed {row.seed}): {ran} examples, {state}")
+    print(f"{fl.where}: {fl.raw} finding(s) from the workers, {fl.raw - len(fl.best)} duplicate(s) merged")
+    if fl.failed:
+        print(f"INCOMPLETE: {len(fl.failed)} of {len(fl.rows)} workers failed (see above)")
 
 
 def summary(camp: fuzz.Campaign, stats: bool = False) -> None:

@@ -1,0 +1,563 @@
+"""Distributed fuzzing: N campaigns over one target, one shared example database, one merged result.
+
+``run(adapter, sett, workers=N)`` starts N campaigns (``fuzz.run``) in N local processes;
+``scheduler=ADDRESS`` runs them on an existing Dask cluster instead, one per Dask worker (N
+defaults to the cluster's worker count). Each campaign is a whole campaign under ``sett``: every
+dtype, ``max_examples`` and ``budget`` each, so N workers run about N times the examples in the
+same wall time.
+
+- **Seeds**: worker 0 runs ``sett.seed`` itself (a one-worker fleet draws what ``fuzz.run`` draws);
+  worker ``i`` runs ``worker_seed(seed, i)``, a hash of both, so a seeded fleet is reproducible and
+  no two workers draw the same cases. ``seed=None`` leaves every worker random.
+- **Database**: every worker opens the same directory (``sett.database``, made absolute) as a
+  Hypothesis ``DirectoryBasedExampleDatabase``. Entries are one file each, written by rename, so
+  concurrent writers are safe, and a failure one worker saved is replayed first by the others and by
+  the next run. Several machines need that directory at the same path on every one of them, on a
+  shared filesystem (NFS or similar). Without one, give each machine its own directory and merge
+  them afterwards (entries are files named by hashes: copying the trees together merges them), or
+  use one of Hypothesis's other backends (``hypothesis.extra.redis.RedisExampleDatabase``; in CI a
+  ``GitHubArtifactDatabase`` inside a ``MultiplexedDatabase``), which ``fuzz`` would have to be
+  taught to open: ``Settings.database`` is a directory today.
+- **Findings**: workers send each finding, with its case files, as it is found; the merge keeps one
+  per ``Finding.key`` (category x dtype x output), the smallest reproducer (fewest q/k/v elements,
+  then shortest sequences, then the shorter description), and writes only those into
+  ``sett.repro_dir`` (a worker's own files stay in a temporary directory on its machine, removed
+  when it ends, together with its in-flight case). Duplicates are counted, not kept.
+- **Result**: ``Fleet.to_json`` is a campaign JSON (``fuzz.Campaign.to_json``: examples, seconds,
+  declines, references and statistics summed over the workers, worst ratios maxed, the merged
+  findings) plus ``fleet``: where it ran, raw and merged finding counts, and one row per worker
+  (seed, examples, coverage, findings, error). A worker that failed or died is a row with an
+  ``error``, which makes the fleet incomplete. ``json_path`` is rewritten as findings come.
+- **Interrupted** (Ctrl-C or SIGTERM of this process): the workers are told to stop (local ones by
+  SIGTERM, Dask ones through an event they check after every example), get ``STOP_GRACE`` seconds
+  to send what they have (shrunk or not), the JSON is written with ``interrupted: true``, and the
+  interrupt is raised again. Local workers ignore Ctrl-C themselves (as do their target processes),
+  so a Ctrl-C is never a crash finding; a worker whose parent died stops at its next example.
+- **Dask**: the target travels as its ``TargetSpec`` (never a pickled function): its module must be
+  importable on the workers, and so must ``verify``. A target run in its own process (the default,
+  ``verify.isolation``) needs Dask workers that may start processes:
+  ``DASK_DISTRIBUTED__WORKER__DAEMON=False`` (or ``--in-process``). Start workers with one thread
+  each (``dask worker ADDRESS --nworkers N --nthreads 1``, ``OMP_NUM_THREADS=1``): each campaign is
+  placed on its own Dask worker, and a process runs one campaign at a time.
+
+Local workers are spawned (not forked: JAX and threaded BLAS do not survive fork) with one
+BLAS/OpenMP thread each, as accuracy sweeps do (``verify.accuracy.runner``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import queue
+import shutil
+import signal
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from verify import fuzz
+from verify.findings import CATEGORIES, Finding
+from verify.stats import Stats
+from verify.targets import Adapter, TargetInfo, TargetSpec
+
+SNAPSHOT_EVERY = 2.0  # seconds between a worker's progress reports
+POLL = 0.25  # seconds between looks at the workers
+STOP_GRACE = 30.0  # seconds stopped workers get to send what they have
+LOST_GRACE = 2.0  # seconds a dead worker's last messages get to arrive before it counts as failed
+CONNECT_TIMEOUT = 10.0  # seconds to reach a Dask scheduler
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+_ONE_AT_A_TIME = threading.Lock()  # campaigns patch process-wide state (compat.fixed_generation_constants)
+
+
+def worker_seed(seed: int | None, index: int) -> int | None:
+    """Worker ``index``'s campaign seed: ``seed`` itself for worker 0, a hash of both for the others."""
+    if seed is None or index == 0:
+        return seed
+    return int(hashlib.sha256(f"{seed}/worker/{index}".encode()).hexdigest()[:8], 16)
+
+
+def reproducer_size(f: Finding) -> tuple[int, int, int]:
+    """What "smaller" means between two reproducers of one key: q/k/v elements, Lq + Lk, description length."""
+    d = f.dims
+    elements = d["B"] * (d["Lq"] * d["Hq"] * d["Dk"] + d["Lk"] * d["Hkv"] * (d["Dk"] + d["Dv"]))
+    return elements, d["Lq"] + d["Lk"], len(f.describe)
+
+
+@dataclass
+class Row:
+    """One worker: its seed, its latest campaign (a progress report or its final one), and how it ended."""
+
+    index: int
+    seed: int | None
+    campaign: fuzz.Campaign | None = None
+    dtype: str = "starting"  # the dtype it is on
+    done: bool = False
+    error: str | None = None
+    stopped: bool = False  # ended by the fleet's interruption without sending its final campaign
+
+    def to_json(self, kept: dict[tuple[str, str, str], int]) -> dict:
+        c = self.campaign
+        keys = [f.key for f in c.findings] if c else []
+        return {"worker": self.index, "seed": self.seed, "examples": c.examples if c else {},
+                "coverage": c.coverage if c else {}, "seconds": c.seconds if c else {},
+                "interrupted": self.stopped or bool(c and c.interrupted), "error": self.error,
+                "findings": ["/".join(k) for k in keys],
+                "kept": ["/".join(k) for k in keys if kept.get(k) == self.index],
+                "case_sequence": c.case_sequence if c else ""}
+
+
+@dataclass
+class Fleet:
+    """A fleet's state while it runs and its result after: the workers' rows and the merged findings."""
+
+    info: TargetInfo
+    settings: fuzz.Settings
+    where: str
+    rows: list[Row]
+    best: dict[tuple[str, str, str], Finding] = field(default_factory=dict)  # key -> kept reproducer
+    origin: dict[tuple[str, str, str], int] = field(default_factory=dict)  # key -> the worker it came from
+    unshrunk: dict[tuple[str, str, str], Finding] = field(default_factory=dict)
+    raw: int = 0  # findings the workers sent, duplicates included
+    interrupted: bool = False
+    started: float = field(default_factory=time.monotonic)
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> list[Row]:
+        return [r for r in self.rows if r.error is not None]
+
+    @property
+    def finished(self) -> bool:
+        return all(r.done for r in self.rows)
+
+    def current(self) -> str:
+        """The dtypes the running workers are on, with how many workers each: ``fp32 (2)``."""
+        counts = Counter(r.dtype for r in self.rows if not r.done)
+        return ", ".join(f"{d} ({n})" for d, n in counts.items()) or "done"
+
+    def receive(self, msg: dict, on_finding: Callable[[Finding, Finding | None], None] | None) -> bool:
+        """Take one worker message; True when it changed what the JSON says (a finding, an end)."""
+        row = self.rows[msg["worker"]]
+        kind = msg["kind"]
+        if kind == "progress":
+            row.campaign, row.dtype = fuzz.Campaign.from_json(msg["campaign"]), msg["dtype"]
+            return False
+        if kind == "finding":
+            self.raw += 1
+            f = Finding.from_json(msg["finding"])
+            old = self.best.get(f.key)
+            if self._offer(self.best, f, msg["files"]):
+                self.origin[f.key] = row.index
+                unshrunk = self.unshrunk.pop(f.key, None)
+                if unshrunk is not None and unshrunk.case_file != f.case_file:
+                    _remove(unshrunk.case_file)
+                if on_finding:
+                    on_finding(f, old)
+            return True
+        row.done = True
+        if kind == "error":
+            row.error = msg["error"]
+        elif msg["campaign"] is not None:
+            row.campaign = fuzz.Campaign.from_json(msg["campaign"])
+            for f in row.campaign.provisional:
+                if f.key not in self.best:
+                    self._offer(self.unshrunk, f, msg["files"])
+        return True
+
+    def _offer(self, kept: dict, f: Finding, files: dict[str, bytes]) -> bool:
+        """Keep ``f`` in ``kept`` if it is the first or a smaller reproducer of its key; write its files."""
+        old = kept.get(f.key)
+        if old is not None and reproducer_size(old) <= reproducer_size(f):
+            return False
+        stem = Path(f.case_file).name.removesuffix(".npz")
+        repro_dir = self.settings.repro_dir
+        repro_dir.mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():
+            if name.startswith(stem + "."):
+                _write(repro_dir / name, bytes(data))
+        f.case_file = str(repro_dir / f"{stem}.npz")
+        if old is not None and old.case_file != f.case_file:
+            _remove(old.case_file)
+        kept[f.key] = f
+        return True
+
+    def campaign(self) -> fuzz.Campaign:
+        """The merged campaign: the workers' accounts summed, the merged findings (in dtype, category order)."""
+        s = self.settings
+        info = self.info
+        parts = [r.campaign for r in self.rows if r.campaign is not None]
+        camp = fuzz.Campaign(info.name, {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()},
+                             [c for c in s.checks if c != "grad" or "grad" in info.features], info.unexercised())
+        for dtype in (d for d in s.dtypes if d in info.dtypes):
+            ran = [c for c in parts if dtype in c.examples]
+            if ran:
+                camp.examples[dtype] = sum(c.examples[dtype] for c in ran)
+                camp.worst_ratio[dtype] = _worst([c.worst_ratio.get(dtype, {}) for c in ran])
+            ends = Counter(c.coverage[dtype] for c in parts if dtype in c.coverage)
+            if ends:
+                camp.coverage[dtype] = next(iter(ends)) if len(ends) == 1 else ", ".join(
+                    f"{why} ({n})" for why, n in ends.most_common())
+        order = {d: i for i, d in enumerate(s.dtypes)}
+        rank = {c: i for i, c in enumerate(CATEGORIES)}
+
+        def ordered(fs: dict) -> list[Finding]:
+            return sorted(fs.values(), key=lambda f: (order.get(f.dtype, len(order)), rank[f.category], f.output))
+
+        camp.findings, camp.provisional = ordered(self.best), ordered(self.unshrunk)
+        camp.interrupted = self.interrupted or any(c.interrupted for c in parts)
+        for c in parts:
+            for k, v in c.seconds.items():
+                camp.seconds[k] = camp.seconds.get(k, 0.0) + v
+            for dtype, reasons in c.declined.items():
+                mine = camp.declined.setdefault(dtype, {})
+                for reason, n in reasons.items():
+                    mine[reason] = mine.get(reason, 0) + n
+            for ref, n in c.references.items():
+                camp.references[ref] = camp.references.get(ref, 0) + n
+            for k, n in c.workers.items():
+                camp.workers[k] = camp.workers.get(k, 0) + n
+            camp.unconstrained_rows += c.unconstrained_rows
+            camp.timeouts += c.timeouts
+        camp.seconds["total"] = self.seconds or time.monotonic() - self.started
+        camp.stats = _merged_stats([c.stats for c in parts])
+        camp.case_sequence = hashlib.sha256("".join(c.case_sequence for c in parts).encode()).hexdigest()[:16]
+        return camp
+
+    def to_json(self) -> dict:
+        data = self.campaign().to_json()
+        data["fleet"] = {"workers": len(self.rows), "where": self.where,
+                         "database": None if self.settings.database is None else str(self.settings.database),
+                         "raw_findings": self.raw, "duplicates": self.raw - len(self.best),
+                         "failed": [r.index for r in self.failed],
+                         "rows": [r.to_json(self.origin) for r in self.rows]}
+        return data
+
+
+def _worst(parts: list[dict[str, float | None]]) -> dict[str, float | None]:
+    """The largest ratio per output over the workers (None where no worker had a finite result)."""
+    worst: dict[str, float | None] = {}
+    for part in parts:
+        for name, r in part.items():
+            if r is not None:
+                worst[name] = max(worst.get(name) or 0.0, r)
+            else:
+                worst.setdefault(name, None)
+    return worst
+
+
+def _merged_stats(parts: list[Stats]) -> Stats:
+    merged = Stats()
+    for s in parts:
+        merged.examples += s.examples
+        merged.max_len, merged.max_dim = max(merged.max_len, s.max_len), max(merged.max_dim, s.max_dim)
+        for what, counter in s.counts.items():
+            merged.counts.setdefault(what, Counter()).update(counter)
+    return merged
+
+
+def _case_files(case_file: str) -> list[Path]:
+    stem = Path(case_file).name.removesuffix(".npz")
+    return [Path(case_file).with_name(stem + ext) for ext in (".npz", ".json")]
+
+
+def _remove(case_file: str) -> None:
+    for path in _case_files(case_file):
+        path.unlink(missing_ok=True)
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Atomically: an interrupted write never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+# -- the worker side ----------------------------------------------------------------------------------------
+
+
+class _LocalChannel:
+    """A local worker's line to the fleet: a multiprocessing queue; the fleet process's death stops it."""
+
+    def __init__(self, q: multiprocessing.Queue) -> None:
+        self.queue, self.parent = q, os.getpid()
+
+    def put(self, msg: dict) -> None:
+        self.queue.put(msg)
+
+    def stopping(self) -> bool:
+        if os.getppid() == self.parent:
+            return False
+        self.queue.cancel_join_thread()  # nobody reads it any more: exit without flushing
+        return True
+
+
+class _DaskChannel:
+    """A Dask worker's line to the fleet: a ``distributed.Queue`` and an ``Event`` the fleet sets to stop it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._queue = self._event = None  # made where it runs, from the Dask worker's client
+
+    def put(self, msg: dict) -> None:
+        if self._queue is None:
+            from distributed import Queue
+
+            self._queue = Queue(self.name)
+        self._queue.put(msg)
+
+    def stopping(self) -> bool:
+        if self._event is None:
+            from distributed import Event
+
+            self._event = Event(self.name + "-stop")
+        return self._event.is_set()
+
+
+def _files(findings: list[Finding]) -> dict[str, bytes]:
+    """The case files of ``findings``, by name, to send to the fleet."""
+    return {p.name: p.read_bytes() for f in findings if f.case_file for p in _case_files(f.case_file) if p.exists()}
+
+
+def work(target: dict, sett: fuzz.Settings, index: int, channel: _LocalChannel | _DaskChannel) -> None:
+    """Worker ``index``'s campaign, wherever the fleet runs it; all it learns goes to ``channel``."""
+    scratch = Path(tempfile.mkdtemp(prefix=f"attnverify-fleet-{index}-"))
+    own = replace(sett, seed=worker_seed(sett.seed, index), repro_dir=scratch)
+    latest: list[fuzz.Campaign] = []
+    last = [0.0]
+
+    def progress(camp: fuzz.Campaign, dtype: str) -> None:
+        latest[:] = [camp]
+        now = time.monotonic()
+        if now - last[0] >= SNAPSHOT_EVERY:
+            last[0] = now
+            channel.put({"kind": "progress", "worker": index, "dtype": dtype, "campaign": camp.to_json()})
+            if channel.stopping():
+                raise fuzz.Interrupted(signal.SIGTERM)
+
+    def finding(f: Finding) -> None:
+        channel.put({"kind": "finding", "worker": index, "finding": f.to_json(), "files": _files([f])})
+
+    try:
+        with _ONE_AT_A_TIME:
+            adapter = TargetSpec.from_meta(target).load()
+            try:
+                camp: fuzz.Campaign | None = fuzz.run(adapter, own, on_finding=finding, on_progress=progress)
+            except KeyboardInterrupt:  # told to stop: what it has so far (None before its first example)
+                camp = latest[0] if latest else None
+        msg = {"kind": "done", "worker": index, "campaign": camp.to_json() if camp else None,
+               "files": _files(camp.provisional) if camp else {}}
+    except Exception as exc:  # noqa: BLE001 - the fleet reports it as this worker's error
+        msg = {"kind": "error", "worker": index, "error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    channel.put(msg)
+
+
+# -- where the workers run ----------------------------------------------------------------------------------
+
+
+class _Local:
+    """N spawned processes on this machine."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.where = f"{n} local process{'es' if n > 1 else ''}"
+        self.ctx = multiprocessing.get_context("spawn")
+        self.queue = self.ctx.Queue()
+        self.procs: list[multiprocessing.process.BaseProcess] = []
+
+    def start(self, target: dict, sett: fuzz.Settings) -> None:
+        channel = _LocalChannel(self.queue)
+        saved = {var: os.environ.get(var) for var in THREAD_VARS}
+        os.environ.update(dict.fromkeys(THREAD_VARS, "1"))  # one thread per worker, read at its start
+        sigint = signal.signal(signal.SIGINT, signal.SIG_IGN) if _main_thread() else None  # inherited
+        try:
+            for i in range(self.n):
+                p = self.ctx.Process(target=work, args=(target, sett, i, channel), name=f"attnverify-fleet-{i}")
+                p.start()
+                self.procs.append(p)
+        finally:
+            if sigint is not None:
+                signal.signal(signal.SIGINT, sigint)
+            for var, value in saved.items():
+                if value is None:
+                    os.environ.pop(var)
+                else:
+                    os.environ[var] = value
+
+    def drain(self) -> list[dict]:
+        try:
+            msgs = [self.queue.get(timeout=POLL)]
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                msgs.append(self.queue.get_nowait())
+            except queue.Empty:
+                return msgs
+
+    def lost(self) -> dict[int, str]:
+        """Workers whose process has ended, with how."""
+        out = {}
+        for i, p in enumerate(self.procs):
+            if p.exitcode is not None:
+                how = f"status {p.exitcode}" if p.exitcode >= 0 else f"signal {signal.Signals(-p.exitcode).name}"
+                out[i] = f"worker process ended ({how}) before it reported"
+        return out
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.is_alive():
+                p.terminate()  # SIGTERM: the campaign stops and writes what it has
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+        self.queue.close()
+
+
+class _Dask:
+    """N tasks on an existing Dask cluster, one per Dask worker."""
+
+    def __init__(self, address: str, n: int | None) -> None:
+        try:
+            from distributed import Client, Event, Queue
+        except ImportError as exc:
+            raise ValueError("--scheduler needs the distributed package: pip install 'attnverify[report]'") from exc
+        try:
+            self.client = Client(address, timeout=CONNECT_TIMEOUT)
+        except (OSError, ValueError) as exc:  # a timeout is an OSError
+            raise ValueError(f"cannot reach the Dask scheduler {address}: {exc}") from exc
+        self.addresses = sorted(self.client.nthreads())
+        self.n = len(self.addresses) if n is None else n
+        if not 1 <= self.n <= len(self.addresses):
+            self.client.close()
+            raise ValueError(f"the Dask cluster at {address} has {len(self.addresses)} worker(s); {self.n} campaigns "
+                             f"need as many (one campaign per worker process: dask worker {address} --nworkers N "
+                             f"--nthreads 1), or give fewer --workers")
+        self.where = f"dask {address}"
+        self.name = f"attnverify-fleet-{uuid.uuid4().hex}"
+        self.queue = Queue(self.name, client=self.client)
+        self.event = Event(self.name + "-stop", client=self.client)
+        self.futures: list = []
+
+    def start(self, target: dict, sett: fuzz.Settings) -> None:
+        addresses = self.addresses[:self.n]
+        if sett.isolate and any(self.client.run(_daemonic, workers=addresses).values()):
+            raise ValueError("the Dask workers are daemonic processes and cannot start the target's own process: "
+                             "start them with DASK_DISTRIBUTED__WORKER__DAEMON=False, or pass --in-process")
+        channel = _DaskChannel(self.name)
+        self.futures = [self.client.submit(work, target, sett, i, channel, key=f"{self.name}-{i}", pure=False,
+                                           workers=[addr], allow_other_workers=True)
+                        for i, addr in enumerate(addresses)]
+
+    def drain(self) -> list[dict]:
+        msgs = self.queue.get(batch=True)
+        if not msgs:
+            time.sleep(POLL)
+        return list(msgs)
+
+    def lost(self) -> dict[int, str]:
+        return {i: f"Dask task {fut.status}: {fut.exception() if fut.status == 'error' else 'no result'}"
+                for i, fut in enumerate(self.futures) if fut.status in ("error", "cancelled", "lost")}
+
+    def stop(self) -> None:
+        self.event.set()
+
+    def close(self) -> None:
+        self.client.cancel(self.futures)
+        self.client.close()
+
+
+def _daemonic() -> bool:
+    return multiprocessing.current_process().daemon
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _sigterm(signum: int, _frame: object) -> None:
+    raise fuzz.Interrupted(signum)
+
+
+def run(adapter: Adapter, sett: fuzz.Settings, *, workers: int | None = None, scheduler: str | None = None,
+        on_finding: Callable[[Finding, Finding | None], None] | None = None,
+        on_progress: Callable[[Fleet], None] | None = None, json_path: Path | None = None) -> Fleet:
+    """Run the fleet (see the module doc) and return it; ``ValueError`` for what cannot start.
+
+    ``workers``: campaigns (default: the CPU count locally, the worker count on Dask).
+    ``on_finding(f, replaced)`` runs for each finding kept: the first of its key (``replaced`` None)
+    or a smaller reproducer of one. ``on_progress(fleet)`` runs a few times a second.
+    """
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if adapter.target is None:
+        raise ValueError(f"{adapter.info.name} was built from a function in this process: a fleet loads the "
+                         "target again in each worker, so name it (bundled name or package.module:function)")
+    sett = replace(sett, database=None if sett.database is None else sett.database.resolve())
+    backend = _Dask(scheduler, workers) if scheduler else _Local(workers or os.cpu_count() or 1)
+    fleet = Fleet(adapter.info, sett, backend.where, [Row(i, worker_seed(sett.seed, i)) for i in range(backend.n)])
+
+    def save() -> None:
+        if json_path:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            _write(json_path, (json.dumps(fleet.to_json(), indent=2) + "\n").encode())
+
+    previous = signal.signal(signal.SIGTERM, _sigterm) if _main_thread() else None
+    try:
+        backend.start(adapter.target.to_meta(), sett)
+        try:
+            _collect(fleet, backend, None, on_finding, on_progress, save)
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (fuzz.Interrupted): stop the workers, keep what they send
+            fleet.interrupted = True
+            backend.stop()
+            try:
+                _collect(fleet, backend, time.monotonic() + STOP_GRACE, on_finding, on_progress, save)
+            except KeyboardInterrupt:
+                pass  # a second one: stop waiting
+            raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        backend.close()
+        for row in fleet.rows:
+            if not row.done:  # still running when the stop's grace ran out
+                row.done = row.stopped = True
+        fleet.seconds = time.monotonic() - fleet.started
+        save()
+    return fleet
+
+
+def _collect(fleet: Fleet, backend: _Local | _Dask, deadline: float | None,
+             on_finding: Callable[[Finding, Finding | None], None] | None,
+             on_progress: Callable[[Fleet], None] | None, save: Callable[[], None]) -> None:
+    """Take the workers' messages until every worker has ended (or ``deadline``)."""
+    gone: dict[int, float] = {}
+    while not fleet.finished and (deadline is None or time.monotonic() < deadline):
+        changed = False
+        for msg in backend.drain():
+            changed |= fleet.receive(msg, on_finding)
+        now = time.monotonic()
+        for i, why in backend.lost().items():
+            row = fleet.rows[i]
+            if not row.done and now - gone.setdefault(i, now) > LOST_GRACE:
+                row.done, changed = True, True
+                if fleet.interrupted:
+                    row.stopped = True
+                else:
+                    row.error = why
+        if changed:
+            save()
+        if on_progress:
+            on_progress(fleet)
