@@ -48,9 +48,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-database", action="store_true")
     p.add_argument("--in-process", action="store_true", help="run the target in this process (faster; a "
                    "segfault or abort of the target then ends the campaign)")
-    p.add_argument("--workers", type=int, help="run N campaigns at once in N local processes (distinct seeds "
-                   "derived from --seed, one shared --database, findings merged by category x dtype x output, the "
-                   "smallest reproducer kept); each worker runs the whole campaign, --max-examples and --budget each")
+    p.add_argument("--workers", type=int, metavar="N", help="run N campaigns at once in N local processes "
+                   "(distinct seeds derived from --seed, one shared --database, findings merged by category x dtype "
+                   "x output, the smallest reproducer kept); each worker runs the whole campaign, --max-examples and "
+                   "--budget each")
     p.add_argument("--scheduler", metavar="ADDRESS", help="run the campaigns on this Dask cluster instead, one per "
                    "Dask worker (--workers: how many); the target's module and --database must be reachable there")
     p.add_argument("--stats", action="store_true", help="print what was generated (shapes, chunks, masks, ...)")
