@@ -57,6 +57,16 @@ _meta(modern_reference, ("mask", "bias", "causal", "gqa", "grad", "lse", "bottom
                          "alibi", "sinks", "segments"))
 
 
+def wrong_softcap(q, k, v, *, scale=None, softcap=None, **kw):
+    """Soft-caps as c·tanh(s) instead of c·tanh(s/c) (the logits scaled by c first); correct without softcap."""
+    if softcap is not None:
+        scale = (1 / np.sqrt(q.shape[-1]) if scale is None else scale) * softcap
+    return _same_dtype(q, k, v, scale=scale, softcap=softcap, **kw)
+
+
+_meta(wrong_softcap, ("mask", "bias", "causal", "gqa", "window", "softcap"))
+
+
 def crashes(q, k, v, **kw):
     raise RuntimeError("kernel launch failed")
 

@@ -214,20 +214,22 @@ def test_gate_floor_nonfinite_and_allowance() -> None:
         figs = {"max_norm": out, "nonfinite": nonfinite, "pass": passed, "max_allow": 0.5 if passed else 3.0}
         return {"schema_version": accuracy.SCHEMA_VERSION, "cells": [
             {"dtype": "fp16", "query_chunk": 16, "key_chunk": 1024, "length": 2048, "family": "normal",
-             "mask": "none", "errors": errors, "outputs": {"out": figs}}]}
+             "mask": "none", "softcap": 30.0, "window": [None, 4], "errors": errors, "outputs": {"out": figs}}]}
 
     gate = accuracy.gate
     assert gate(rep(0.45), rep(0.0))["regressions"] == []  # 0 -> rounding noise
     assert gate(rep(1.0), rep(0.45))["regressions"] == []  # within 2x of the floor
     worse = gate(rep(2.5), rep(1.0), 2.0)["regressions"]
     assert [(r["what"], r["factor"]) for r in worse] == [("max_norm", 2.5)]
+    assert accuracy.regression_lines(gate(rep(2.5), rep(1.0)))[0].startswith(
+        "fp16 q=16 k=1024 L=2048 normal mask=none softcap=30 window=:4 out: max error 1 -> 2.5")
     assert gate(rep(2.5), rep(1.0), 3.0)["regressions"] == []
     assert [r["what"] for r in gate(rep(1.0, 3), rep(1.0))["regressions"]] == ["nonfinite"]
     assert [r["what"] for r in gate(rep(1.0, passed=False), rep(1.0))["regressions"]] == ["allowance"]
     both = gate(rep(1.0, errors=2), rep(1.0, errors=2))
     assert both["regressions"] == [] and "1 cell(s) have target errors in both" in accuracy.verdict(both)
-    with pytest.raises(ValueError, match="schema version"):
-        gate(rep(1.0), {"schema_version": 0, "cells": []})
+    with pytest.raises(ValueError, match="schema version 2, this attnverify writes 3: their cells cannot be compared"):
+        gate(rep(1.0), {"schema_version": 2, "cells": []})
 
 
 def test_dask_scheduler_gives_the_same_report(tiny: tuple[Path, dict], tmp_path: Path) -> None:
@@ -241,3 +243,78 @@ def test_dask_scheduler_gives_the_same_report(tiny: tuple[Path, dict], tmp_path:
 def test_two_worker_processes_give_the_same_report(tiny: tuple[Path, dict], tmp_path: Path) -> None:
     rep = accuracy.sweep(TORCH, TINY, tmp_path, workers=2)
     assert _strip(rep["cells"]) == _strip(tiny[1]["cells"])
+
+
+OPTIONS = accuracy.Settings(dtypes=("fp32",), lengths=(8,), families=("normal",), masks=("none",), seeds=1,
+                            softcaps=("none", "5"), windows=("none", "2:0"))
+COMBOS = [(None, None), (None, [2, 0]), (5.0, None), (5.0, [2, 0])]
+
+
+def test_option_values_parse_and_undeclared_ones_are_skipped() -> None:
+    assert [accuracy.parse_window(w) for w in ("none", "16:0", ":4", "64:", ":")] == [
+        None, [16, 0], [None, 4], [64, None], [None, None]]
+    assert [accuracy.window_label(accuracy.parse_window(w)) for w in ("16:0", ":4", "64:")] == ["16:0", ":4", "64:"]
+    assert accuracy.parse_softcap("none") is None and accuracy.parse_softcap("2.5") == 2.5
+    sett = accuracy.Settings(**{**OPTIONS.__dict__, "softcaps": ("none", "5", "5.0"), "windows": ("2:0", "none")})
+    cells, skipped = accuracy.plan(load("tests.fixture_targets:modern_reference").info, sett)
+    assert [(c["softcap"], c["window"]) for c in cells] == [(None, [2, 0]), (None, None), (5.0, [2, 0]), (5.0, None)]
+    assert skipped["softcaps"] == skipped["windows"] == []
+    cells, skipped = accuracy.plan(load("tests.fixture_targets:reference").info, sett)
+    assert [(c["softcap"], c["window"]) for c in cells] == [(None, None)]
+    assert skipped["softcaps"] == ["5"] and skipped["windows"] == ["2:0"]
+
+
+def test_softcap_and_window_sweep(tmp_path: Path) -> None:
+    """Every combination runs on the same inputs and gets its own table; a plain target gets a skip note."""
+    target = "tests.fixture_targets:modern_reference"
+    rep = accuracy.sweep(TargetSpec(target), OPTIONS, tmp_path / "modern", workers=1)
+    accuracy.write(rep, tmp_path / "modern")
+    assert [(c["softcap"], c["window"]) for c in rep["cells"]] == COMBOS
+    assert all(f["pass"] for c in rep["cells"] for f in c["outputs"].values())
+    assert len({c["outputs"]["out"]["max_abs"] for c in rep["cells"]}) == 4  # softcap and window were applied
+    # the same q, k, v, mask and g in every row: what make_case gives for the seed with no option at all
+    seed = accuracy.data_seed(OPTIONS.seed, "fp32", 8, "normal", "none", 0)
+    plain = make_case(seed, "fp32", dims=OPTIONS.dims(8), family="normal", features=load(target).info.features)
+    assert {(s["data_seed"], s["inputs"]) for c in rep["cells"] for s in c["seeds"]} == {
+        (seed, accuracy.inputs_digest(plain))}
+    assert accuracy.inputs_digest(plain) != accuracy.inputs_digest(plain.with_(q=plain.q * 2))
+    md = (tmp_path / "modern" / "report.md").read_text()
+    assert "softcaps none,5; windows none,2:0" in md and "not run" not in md
+    assert "## Summary by dtype and softcap" in md and "| fp32 | 5 | " in md
+    assert "## Summary by dtype and window" in md and "| fp32 | 2:0 | " in md
+    assert "worst over chunk sizes, lengths, masks, softcaps and windows" in md
+
+    rep = accuracy.sweep(TargetSpec("tests.fixture_targets:reference"), OPTIONS, tmp_path / "plain", workers=1)
+    accuracy.write(rep, tmp_path / "plain")
+    assert [(c["softcap"], c["window"]) for c in rep["cells"]] == [(None, None)]
+    md = (tmp_path / "plain" / "report.md").read_text()
+    assert "- not run (undeclared or too many chunks): softcaps 5; windows 2:0" in md
+    assert "by dtype and softcap" not in md and "by dtype and window" not in md
+
+
+def test_sweep_catches_a_wrong_softcap_in_its_rows_only(tmp_path: Path) -> None:
+    """c·tanh(s) instead of c·tanh(s/c): the softcap rows fail far beyond the allowance, the others pass."""
+    rep = accuracy.sweep(TargetSpec("tests.fixture_targets:wrong_softcap"), OPTIONS, tmp_path, workers=1)
+    assert [(c["softcap"], c["window"]) for c in rep["cells"]] == COMBOS
+    for cell in rep["cells"]:
+        out = cell["outputs"]["out"]
+        if cell["softcap"] is None:
+            assert out["pass"] and out["max_allow"] < 1
+        else:
+            assert not out["pass"] and out["max_allow"] > 100
+    table = next(t for t in accuracy.tables(rep) if t["title"] == "Summary by dtype and softcap")
+    assert [(r[1], r[-1]) for r in table["rows"]] == [("none", "pass"), ("5", "FAIL")]
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--softcaps", "none,x"], "softcap 'x': give a finite number > 0 or none"),
+    (["--softcaps", "0"], "softcap '0': give a finite number > 0 or none"),
+    (["--windows", "none,3"], "window '3': give LEFT:RIGHT (ints >= 0, an empty side unbounded"),
+    (["--windows", "4:0:1"], "window '4:0:1': give LEFT:RIGHT"),
+])
+def test_bad_softcaps_and_windows_are_one_line_errors(flags: list[str], message: str, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    assert _cli(["--target", "tests.fixture_targets:modern_reference", "--out", str(tmp_path), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "cells").exists()

@@ -1,4 +1,4 @@
-"""Accuracy sweeps: measured error per dtype, chunk sizes, length, value family and mask, with tables and plots.
+"""Accuracy sweeps: measured error per dtype, chunk sizes, length, value family, mask, softcap and window.
 
 ``sweep`` runs a grid of cells (``plan``) and returns a report; ``write`` puts it in a directory:
 ``report.json`` (schema ``SCHEMA_VERSION``, every raw figure, no timings), ``timings.json``,
@@ -18,9 +18,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from verify.accuracy.figures import ulp_distance
+from verify.accuracy.figures import inputs_digest, ulp_distance
 from verify.accuracy.gate import DEFAULT_MAX_REGRESSION, FLOOR, gate, regression_lines, verdict
-from verify.accuracy.plan import SCHEMA_VERSION, Settings, cell_id, cell_key, data_seed, plan
+from verify.accuracy.plan import (
+    SCHEMA_VERSION,
+    Settings,
+    cell_id,
+    cell_key,
+    data_seed,
+    parse_softcap,
+    parse_window,
+    plan,
+    softcap_label,
+    window_label,
+)
 from verify.accuracy.plots import plot
 from verify.accuracy.runner import progress_printer, report_json, sweep, timings_json, write_text
 from verify.accuracy.tables import PLOTS, tables, to_html, to_markdown
@@ -35,15 +46,20 @@ __all__ = [
     "cell_key",
     "data_seed",
     "gate",
+    "inputs_digest",
+    "parse_softcap",
+    "parse_window",
     "plan",
     "progress_printer",
     "regression_lines",
+    "softcap_label",
     "sweep",
     "tables",
     "to_html",
     "to_markdown",
     "ulp_distance",
     "verdict",
+    "window_label",
     "write",
 ]
 

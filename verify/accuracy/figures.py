@@ -16,11 +16,13 @@ comparison from ``verify.checks.compare``. Per output
 - ``max_abs``; ``max_ulp``: dtype values between the result and the exact value rounded to the dtype;
   ``nonfinite``: inf/NaN results where the exact value is finite.
 
-A target call that raises or runs past the timeout is recorded as the seed's ``error``.
+A target call that raises or runs past the timeout is recorded as the seed's ``error``. Each seed also
+records ``data_seed`` and ``inputs``, a digest of its arrays (the same for every chunk size, softcap and window).
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -87,6 +89,15 @@ def output_figures(cmp: checks.Comparison, plain: checks.Comparison, scale: np.n
         "naive_max_norm": float(plain_norm.max()) if plain_norm.size else None,
         "naive_max_allow": plain.worst_ratio,
     }
+
+
+def inputs_digest(case: Case) -> str:
+    """A short digest of the case's arrays alone (q, k, v, g, mask, bias): equal across the chunk sizes,
+    softcaps and windows of a seed, so a report shows its rows compare the very same inputs."""
+    h = hashlib.sha256()
+    for arr in (case.q, case.k, case.v, case.g, case.mask, case.bias):
+        h.update(b"-" if arr is None else f"{arr.dtype}{arr.shape}".encode() + np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()[:16]
 
 
 @dataclass
@@ -175,7 +186,7 @@ def _aggregate(seeds: list[dict], pooled: dict[str, list]) -> dict:
 
 @dataclass(frozen=True)
 class Task:
-    """A group of cells sharing dtype, L, family and mask kind: one unit of work for a worker."""
+    """A group of cells sharing dtype, L, family, mask kind, softcap and window: one unit of work for a worker."""
 
     target: TargetSpec
     context: dict
@@ -207,7 +218,8 @@ def run_group(task: Task) -> list[dict]:
             dseed = data_seed(sett.seed, cell["dtype"], cell["length"], cell["family"], cell["mask"], index)
             case = make_case(dseed, cell["dtype"], dims=sett.dims(cell["length"]), family=cell["family"],
                              mask_kind=cell["mask"], query_chunk_size=cell["query_chunk"],
-                             key_chunk_size=cell["key_chunk"], features=info.features, grad=grad)
+                             key_chunk_size=cell["key_chunk"], features=info.features, grad=grad,
+                             softcap=cell["softcap"], window=cell["window"])
             digest = case.digest(chunks=False)
             if digest not in truths:
                 truths[digest] = _truth(case, info, grad, sett.mp_max_len)
@@ -216,7 +228,8 @@ def run_group(task: Task) -> list[dict]:
             t0 = time.perf_counter()
             figs = _seed(executor, case, truth, grad, sett.timeout, pooled)
             t_target += time.perf_counter() - t0
-            seeds.append({"index": index, "data_seed": dseed, "reference": truth.exact.reference,
+            seeds.append({"index": index, "data_seed": dseed, "inputs": inputs_digest(case),
+                          "reference": truth.exact.reference,
                           "naive64_vs_mp": truth.naive64_vs_mp, **figs})
         names = {s["reference"] for s in seeds}
         done.append({**cell, "id": cell_id(task.context, cell),

@@ -9,7 +9,7 @@ than the baseline. Cells missing from either side are counted, not gated.
 
 from __future__ import annotations
 
-from verify.accuracy.plan import CELL_AXES, SCHEMA_VERSION, cell_key
+from verify.accuracy.plan import CELL_AXES, SCHEMA_VERSION, cell_key, softcap_label, window_label
 
 FLOOR = 0.5
 DEFAULT_MAX_REGRESSION = 2.0
@@ -18,8 +18,8 @@ DEFAULT_MAX_REGRESSION = 2.0
 def gate(report: dict, baseline: dict, max_regression: float = DEFAULT_MAX_REGRESSION) -> dict:
     """Cells whose error grew more than ``max_regression`` times against ``baseline`` (see the module doc)."""
     if baseline.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"baseline has schema version {baseline.get('schema_version')!r}, "
-                         f"this attnverify writes {SCHEMA_VERSION}: regenerate the baseline on main")
+        raise ValueError(f"baseline has schema version {baseline.get('schema_version')!r}, this attnverify writes "
+                         f"{SCHEMA_VERSION}: their cells cannot be compared; regenerate the baseline on main")
     old = {cell_key(c): c for c in baseline["cells"]}
     new = {cell_key(c): c for c in report["cells"]}
     regressions = []
@@ -76,7 +76,9 @@ def regression_lines(result: dict) -> list[str]:
     lines = []
     for r in result["regressions"]:
         where = (f"{r['dtype']} q={chunk_label(r['query_chunk'])} k={chunk_label(r['key_chunk'])} L={r['length']} "
-                 f"{r['family']} mask={r['mask']} {r['output']}")
+                 f"{r['family']} mask={r['mask']}"
+                 + (f" softcap={softcap_label(r['softcap'])}" if r["softcap"] is not None else "")
+                 + (f" window={window_label(r['window'])}" if r["window"] is not None else "") + f" {r['output']}")
         if r["what"] == "max_norm":
             lines.append(f"{where}: max error {fmt(r['old'])} -> {fmt(r['new'])} u·A ({r['factor']:.3g}x)")
         elif r["what"] == "allowance":

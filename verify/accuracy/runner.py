@@ -4,8 +4,8 @@
   of the schema version, the target spec, the settings that change figures and the cell's key. A
   rerun loads those and computes only the missing cells; ``fresh=True`` recomputes everything.
   Changing the target's *code* does not change ids: use ``fresh`` or another ``out`` to re-measure.
-- **Workers**: work is sent in groups (cells sharing dtype, L, family and mask kind), so each group
-  computes its exact reference once per seed for all chunk settings. ``workers=N`` (default 2) runs
+- **Workers**: work is sent in groups (cells sharing dtype, L, family, mask kind, softcap and window),
+  so each group computes its exact reference once per seed for all chunk settings. ``workers=N`` (default 2) runs
   groups in N spawned processes (spawn, not fork: JAX and threaded BLAS do not survive fork) with
   one BLAS/OpenMP thread each; ``workers=1`` runs in this process; ``scheduler=ADDRESS`` submits the
   same function to a Dask distributed cluster (a user target's module must be importable there).
@@ -157,7 +157,8 @@ def sweep(target: TargetSpec, sett: Settings, out: Path, *, workers: int = 2, sc
         groups: dict[tuple, list[dict]] = defaultdict(list)
         for cell in cells:
             if cell_id(ctx, cell) not in results:
-                groups[(cell["dtype"], cell["length"], cell["family"], cell["mask"])].append(cell)
+                groups[(cell["dtype"], cell["length"], cell["family"], cell["mask"], cell["softcap"],
+                        str(cell["window"]))].append(cell)
         tasks = sorted((Task(target, ctx, sett, tuple(g)) for g in groups.values()),
                        key=lambda t: -t.cells[0]["length"] ** 2 * len(t.cells))
         for done in runner.results(tasks):

@@ -5,7 +5,8 @@ allowances** (``|got - exact| / allowance``: above 1 a fuzz check calls it a fin
 says pass or fail by itself), the **ratio to a plain same-dtype implementation** (the FlashAttention
 rule's quantity: about 1 or below for a correct kernel at any chunk count, growing with the chunk
 count for one that accumulates or rescales badly), and in report.json every raw figure, u·A units
-included. Each table says which reference decided its columns.
+included. Each table says which reference decided its columns. A sweep of several softcaps or windows
+adds a summary per dtype and softcap (window), whose rows compare the same inputs.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import math
 
 from oracles import spec
 from verify.accuracy.gate import chunk_label, fmt, regression_lines, verdict
-from verify.accuracy.plan import key_chunks
+from verify.accuracy.plan import key_chunks, softcap_label, window_label
 
 GRADS = ("dq", "dk", "dv", "dbias")
 PLOTS = {
@@ -26,6 +27,10 @@ PLOTS = {
     "allowance_vs_length.png": "Worst error in allowances against sequence length, per dtype (solid: output, "
     "dashed: gradients; the line at 1 is the allowance)",
 }
+OPTION_AXES = {"softcap": softcap_label, "window": window_label}
+OPTION_NOTES = {"softcap": "softcap c: logits c·tanh(s/c), before bias (none: no cap)",
+                "window": "window LEFT:RIGHT: query i sees keys i−LEFT … i+RIGHT (an empty side: unbounded), "
+                          "intersected with the mask kind's keys"}
 REFERENCE_NOTE = ("references: (mp) the exact mpmath oracle; (naive64) the float64 naive reference, used for long "
                   "sequences where it vouches for every row; (mixed) some seeds of each")
 
@@ -65,22 +70,56 @@ def _sort(c: int | None) -> int:
     return -1 if c is None else c
 
 
+def _verdict(cells: list[dict]) -> str:
+    """``pass`` when every output of every cell is within its allowance, finite and without target errors."""
+    ok = all(f["pass"] and not c["errors"] for c in cells for f in c["outputs"].values())
+    return "pass" if ok else "FAIL"
+
+
+def _swept(cells: list[dict]) -> list[str]:
+    """The option axes (softcap, window) with more than one value in the report: they get their own tables."""
+    return [axis for axis, label in OPTION_AXES.items() if len({label(c[axis]) for c in cells}) > 1]
+
+
+def _over(items: list[str]) -> str:
+    """``a, b and c``: what a table's entries are the worst over."""
+    return ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _option_table(cells: list[dict], dtypes: list[str], axis: str, swept: list[str]) -> dict:
+    """Worst error in allowances and ratio to plain per dtype and value of ``axis`` (softcap or window)."""
+    label = OPTION_AXES[axis]
+    rows = []
+    for dtype in dtypes:
+        for value in dict.fromkeys(label(c[axis]) for c in cells):
+            sel = [c for c in cells if c["dtype"] == dtype and label(c[axis]) == value]
+            if sel:
+                rows.append([dtype, value, entry(sel), ratio_entry(sel), _verdict(sel)])
+    others = ["chunk sizes", "lengths", "families", "masks", *(f"{a}s" for a in swept if a != axis)]
+    return {"title": f"Summary by dtype and {axis}", "header": ["dtype", axis, "worst error in allowances "
+            "(out / grads)", "ratio to plain same-dtype (out / grads)", "verdict"], "rows": rows,
+            "notes": [f"worst over {_over(others)}; the rows of a dtype compare the same inputs (a seed's q, k, v, "
+                      f"mask and g do not depend on the {axis})", OPTION_NOTES[axis]]}
+
+
 def tables(report: dict) -> list[dict]:
     """The report's tables as data (title, header, rows, notes), rendered to markdown and HTML alike."""
     cells = report["cells"]
     out = []
     dtypes = list(dict.fromkeys(c["dtype"] for c in cells))
     families = list(dict.fromkeys(c["family"] for c in cells))
+    swept = _swept(cells)
+    options = [f"{a}s" for a in swept]
     rows = []
     for dtype in dtypes:
         for family in families:
             sel = [c for c in cells if c["dtype"] == dtype and c["family"] == family]
             if sel:
-                ok = all(f["pass"] and not c["errors"] for c in sel for f in c["outputs"].values())
-                rows.append([dtype, family, entry(sel), ratio_entry(sel), "pass" if ok else "FAIL"])
+                rows.append([dtype, family, entry(sel), ratio_entry(sel), _verdict(sel)])
     out.append({"title": "Summary by dtype and value family", "header": ["dtype", "family", "worst error in "
                 "allowances (out / grads)", "ratio to plain same-dtype (out / grads)", "verdict"], "rows": rows,
-                "notes": ["worst over chunk sizes, lengths and masks"]})
+                "notes": [f"worst over {_over(['chunk sizes', 'lengths', 'masks', *options])}"]})
+    out += [_option_table(cells, dtypes, axis, swept) for axis in swept]
     for dtype in dtypes:
         mine = [c for c in cells if c["dtype"] == dtype]
         lengths = sorted({c["length"] for c in mine})
@@ -94,7 +133,8 @@ def tables(report: dict) -> list[dict]:
                                                      for length in lengths] for qc, kc in pairs]
         failed = [s["error"] for c in mine for s in c["seeds"] if "error" in s]
         notes = [f"u = 2^{round(math.log2(spec.unit_roundoff(dtype)))}; entries: worst error in allowances, "
-                 "output / gradients, over families and masks (✗: beyond the allowance)", REFERENCE_NOTE]
+                 f"output / gradients, over {_over(['families', 'masks', *options])} (✗: beyond the allowance)",
+                 REFERENCE_NOTE]
         if failed:
             notes.append(f"{len(failed)} target call(s) failed, first: {failed[0]}")
         out.append({"title": f"{dtype}: error in allowances by chunk sizes and length", "header": header,
@@ -104,8 +144,8 @@ def tables(report: dict) -> list[dict]:
                             for n in counts] for family in families]
         out.append({"title": f"{dtype}: ratio to a plain same-dtype implementation by number of key chunks",
                     "header": ["family", *[f"{n} chunk{'s' if n > 1 else ''}" for n in counts]], "rows": body,
-                    "notes": ["output / gradients, worst over lengths, query chunks and masks: flat for a kernel "
-                              "whose accuracy does not depend on chunking"]})
+                    "notes": [f"output / gradients, worst over {_over(['lengths', 'query chunks', 'masks', *options])}"
+                              ": flat for a kernel whose accuracy does not depend on chunking"]})
     return out
 
 
@@ -121,14 +161,16 @@ def _intro(report: dict) -> list[str]:
         f"masked rows: {t['masked_rows']}; not exercised: {', '.join(t['unexercised']) or 'nothing'}",
         f"sweep: {len(report['cells'])} cells × {s['seeds']} seed(s); lengths {_join(s['lengths'])}; query chunks "
         f"{_join(s['query_chunks'])}; key chunks {_join(s['key_chunks'])} (own: the target's own chunking); "
-        f"families {_join(s['families'])}; masks {_join(s['masks'])}; B={s['batch']} H={s['heads']} D={s['head_dim']}",
+        f"families {_join(s['families'])}; masks {_join(s['masks'])}"
+        + "".join(f"; {a}s {_join(s[a + 's'])}" for a in OPTION_AXES if list(s[a + "s"]) != ["none"])
+        + f"; B={s['batch']} H={s['heads']} D={s['head_dim']}",
         "an error in allowances is |got − exact| / allowance, the allowance being what a correct kernel under the "
         "declared contract may err by (verify/tolerance.py): above 1 a fuzz campaign reports a finding",
         f"{REFERENCE_NOTE}; mp is used up to L = {s['mp_max_len']}; naive64 against mp on {sample['cases']} cases: "
         f"max error {fmt(worst64)}·A",
     ]
-    left_out = [f"dtypes {_join(skipped['dtypes'])}" if skipped["dtypes"] else "",
-                f"masks {_join(skipped['masks'])}" if skipped["masks"] else "", "; ".join(skipped["chunks"])]
+    left_out = [f"{what} {_join(skipped[what])}" for what in ("dtypes", "masks", "softcaps", "windows")
+                if skipped[what]] + ["; ".join(skipped["chunks"])]
     if any(left_out):
         lines.append("not run (undeclared or too many chunks): " + "; ".join(x for x in left_out if x))
     return lines

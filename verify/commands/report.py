@@ -22,6 +22,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--key-chunks", type=csv, default=list(default(S, "key_chunks")), help="numbers or L")
     p.add_argument("--families", type=csv, default=list(default(S, "families")))
     p.add_argument("--masks", type=csv, default=list(default(S, "masks")), help="mask kinds")
+    p.add_argument("--softcaps", type=csv, default=list(default(S, "softcaps")),
+                   help="softcaps c > 0 (logits c·tanh(s/c)) or none, e.g. none,5,30,50; only none for a target "
+                        "without the softcap feature (the rest listed as skipped)")
+    p.add_argument("--windows", type=csv, default=list(default(S, "windows")),
+                   help="sliding windows LEFT:RIGHT (query i sees keys i-LEFT..i+RIGHT; an empty side is unbounded) "
+                        "or none, e.g. none,16:0,:4,64:64; only none for a target without the window feature")
     p.add_argument("--seeds", type=int, default=default(S, "seeds"), help="cases per cell")
     p.add_argument("--seed", type=int, default=default(S, "seed"), help="base seed of the inputs")
     p.add_argument("--batch", type=int, default=default(S, "batch"))
@@ -54,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     """Sweep, write the outputs, gate against a baseline; returns the exit status."""
     sett = accuracy.Settings(
         dtypes=tuple(args.dtypes), lengths=tuple(args.lengths), query_chunks=tuple(args.query_chunks),
-        key_chunks=tuple(args.key_chunks), families=tuple(args.families), masks=tuple(args.masks), seeds=args.seeds,
+        key_chunks=tuple(args.key_chunks), families=tuple(args.families), masks=tuple(args.masks),
+        softcaps=tuple(args.softcaps), windows=tuple(args.windows), seeds=args.seeds,
         seed=args.seed, batch=args.batch, heads=args.heads, head_dim=args.head_dim, mp_max_len=args.mp_max_len,
         max_chunks=args.max_chunks, timeout=args.timeout)
     baseline = _read_json(args.baseline, "baseline") if args.baseline else None
