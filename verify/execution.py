@@ -7,17 +7,18 @@ one case under a time limit and reports ``Calls``: arrays, or a ``CallFailure`` 
 determinism check (``Calls.again``). Nothing a target does -- raising, hanging, returning garbage
 -- escapes as an exception of the harness.
 
-``InProcess`` runs in this process, each call in a daemon thread joined with a timeout: cheap, but
+``InProcess`` runs in this process, each call on one reused daemon thread with a timeout: cheap, but
 a hung call leaves its thread behind and a segfault of the target ends the process. Checks only see
 ``Calls``, so every executor is interchangeable.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 import traceback
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -94,24 +95,33 @@ class TargetTimeout(Exception):
     """A target call ran past its time limit."""
 
 
-def call_with_timeout(fn: Callable[[], object], timeout: float) -> object:
-    """``fn()`` in a daemon thread; raises what it raised, or ``TargetTimeout`` past ``timeout`` s."""
-    box: dict = {}
+class CallThread:
+    """One long-lived daemon thread that runs target calls with a time limit.
 
-    def run() -> None:
+    Reusing the thread matters: a fresh thread per call makes OpenMP (torch, BLAS) set up a new
+    thread team each time, which cost 2-5 ms per small call here. A call past its limit leaves
+    its thread behind (it cannot be killed in-process) and the next call gets a new one.
+    """
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __call__(self, fn: Callable[[], object], timeout: float) -> object:
+        """``fn()``; raises what it raised, or ``TargetTimeout`` past ``timeout`` s."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attnverify-call")
+        future = self._pool.submit(fn)
         try:
-            box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - everything a target raises is reported
-            box["error"] = exc
+            return future.result(timeout)
+        except FutureTimeout:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+            raise TargetTimeout(f"call ran past {timeout:g} s") from None
 
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    worker.join(timeout)
-    if worker.is_alive():
-        raise TargetTimeout(f"call ran past {timeout:g} s")
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
 
 
 def run_passes(adapter: Adapter, case: Case, passes: tuple[str, ...],
@@ -139,6 +149,7 @@ class InProcess:
 
     def __init__(self, adapter: Adapter) -> None:
         self.adapter = adapter
+        self._call = CallThread()
 
     @property
     def info(self) -> TargetInfo:
@@ -151,7 +162,8 @@ class InProcess:
 
     def run(self, case: Case, passes: tuple[str, ...], timeout: float) -> Calls:
         """The target's results for ``passes`` of ``case``, each call limited to ``timeout`` seconds."""
-        return run_passes(self.adapter, case, passes, lambda fn: call_with_timeout(fn, timeout))
+        return run_passes(self.adapter, case, passes, lambda fn: self._call(fn, timeout))
 
     def close(self) -> None:
-        """Nothing to release in-process."""
+        """Let the call thread go."""
+        self._call.close()
