@@ -94,3 +94,19 @@ def test_one_seed_draws_the_same_cases_on_every_entry_point(tmp_path):
                  json.loads((tmp_path / "cli.json").read_text())["case_sequence"],
                  json.loads((tmp_path / "plugin" / "fp32-forward.json").read_text())["case_sequence"]}
     assert len(sequences) == 1 and camp.examples == {"fp32": 60}
+
+
+def test_a_device_that_is_absent_skips_cleanly_and_the_tiles_flag_is_taken(tmp_path):
+    import torch
+
+    (tmp_path / "mykernels.py").write_text(BUGGY)
+    res = _pytest(tmp_path, "--attnverify-target=mykernels:attention", "--attnverify-device=cuda",
+                  "--attnverify-dtypes=fp32", "--attnverify-checks=forward", "--attnverify-max-examples=5", "-rs",
+                  "--attnverify-tiles=64,128", f"--attnverify-repro-dir={tmp_path / 'f'}")
+    if torch.cuda.is_available():
+        assert res.returncode in (0, 1) and "skipped" not in res.stdout, res.stdout + res.stderr  # it runs there
+    else:
+        assert res.returncode == 0 and "1 skipped" in res.stdout, res.stdout + res.stderr
+        assert "sees no CUDA device" in res.stdout
+    bad = _pytest(tmp_path, "--attnverify-target=mykernels:attention", "--attnverify-tiles=64,x")
+    assert bad.returncode == 4 and "expected comma-separated integers" in bad.stdout + bad.stderr
