@@ -256,7 +256,7 @@ def test_adapter_keeps_dtypes_and_reuses_compiled_functions(rng: np.random.Gener
     case = make_case(rng, dtype="bf16", lq=4, lk=4, query_chunk_size=2)
     assert adapter.forward(case).out.dtype == np.dtype(ml_dtypes.bfloat16)
     adapter.forward(make_case(rng, dtype="bf16", lq=4, lk=4, query_chunk_size=2))
-    assert len(adapter._forward_cache) == 1
+    assert len(adapter._forward_cache) + len(adapter._vjp_cache) == 1
     grads = adapter.vjp(case.with_(bias=np.zeros((1, 1, 1, 4), np.float32)))
     assert grads["dq"].dtype == np.dtype(ml_dtypes.bfloat16) and grads["dbias"].dtype == np.float32
     assert grads["dbias"].shape == (1, 1, 1, 4)
@@ -318,3 +318,38 @@ def test_chunked_jax_fp16_gradient_overflow_stays_fixed():
     out = checks.run_case(load("chunked-jax"), Case.load(path))
     assert out.findings == [], "\n".join(f.message() for f in out.findings)
     assert out.ratios["dk"] < 1
+
+
+def test_a_case_with_a_cotangent_compiles_one_program_for_both_passes(rng: np.random.Generator) -> None:
+    adapter = load("chunked-jax")
+    case = make_case(rng, dtype="fp32", lq=4, lk=5, query_chunk_size=2)
+    assert case.g is not None
+    out = adapter.forward(case).out
+    grads = adapter.vjp(case)  # the forward pass's gradients
+    assert len(adapter._vjp_cache) == 1 and not adapter._forward_cache
+    assert adapter.vjp(case) is not grads  # no forward pass in between: computed afresh
+    np.testing.assert_array_equal(adapter.forward(case).out, out)
+    fresh = load("chunked-jax").vjp(case)
+    for name, x in grads.items():
+        np.testing.assert_array_equal(x, fresh[name])
+
+
+def test_a_broken_backward_keeps_the_forward_pass(rng: np.random.Generator) -> None:
+    @jax.custom_vjp
+    def attention(q, k, v):
+        p = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1] ** -0.5, axis=-1)
+        return jnp.einsum("bhqk,bkhd->bqhd", p, v)
+
+    def bwd(res, g):
+        raise RuntimeError("backward not implemented")
+
+    attention.defvjp(lambda q, k, v: (attention(q, k, v), None), bwd)
+
+    def target(q, k, v, *, scale=None):
+        return attention(q, k, v)
+
+    adapter = JaxAdapter(target, TargetInfo(name="fwd-only", framework="jax", features=frozenset({"grad"})))
+    case = make_case(rng, dtype="fp32", lq=4, lk=4)
+    assert adapter.forward(case).out.shape == case.q.shape[:-1] + (case.v.shape[-1],)
+    with pytest.raises(RuntimeError, match="backward not implemented"):
+        adapter.vjp(case)
