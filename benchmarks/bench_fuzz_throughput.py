@@ -27,7 +27,7 @@ from verify.targets import Adapter, load  # noqa: E402
 
 
 def _campaign(adapter: Adapter, n: int, tmp: Path) -> tuple[fuzz.Campaign, float]:
-    sett = fuzz.Settings(max_examples=n, database=None, repro_dir=tmp)
+    sett = fuzz.Settings(max_examples=n, database=None, repro_dir=tmp, isolate=False)  # one adapter, both runs
     t0 = time.perf_counter()
     camp = fuzz.run(adapter, sett)
     return camp, time.perf_counter() - t0
@@ -40,6 +40,7 @@ def main() -> int:
     args = ap.parse_args()
     print(f"{'target':14s} {'examples':>8s} {'wall s':>7s} {'ex/s':>6s} {'ex/s warm':>9s} "
           f"{'oracle':>7s} {'target':>7s} {'compile':>8s} {'other':>6s}  findings")
+    rates: dict[str, tuple[float, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.targets.split(","):
             adapter = load(name)  # one adapter: its jitted functions (and their caches) serve both runs
@@ -52,6 +53,10 @@ def main() -> int:
             print(f"{name:14s} {n:8d} {wall:7.1f} {n / wall:6.1f} {sum(warm.examples.values()) / wall_warm:9.1f} "
                   f"{oracle / wall:7.0%} {target / wall:7.0%} {compile_s / wall:8.0%} {other / wall:6.0%}  "
                   f"{len(cold.findings)}")
+            rates[name] = (n / wall, sum(warm.examples.values()) / wall_warm)
+    if {"chunked-torch", "chunked-jax"} <= set(rates):
+        (jc, jw), (tc, tw) = rates["chunked-jax"], rates["chunked-torch"]
+        print(f"chunked-jax / chunked-torch examples/s: cold {jc / tc:.2f}, warm {jw / tw:.2f}")
     return 0
 
 
