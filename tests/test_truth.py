@@ -90,3 +90,18 @@ def test_uniform_rows_do_not_cost_an_mp_run():
     truth = decide(case, info, grad=True)
     assert truth.exact.reference == "naive64"
     assert np.isfinite(truth.allow.grads["dq"]).all() and truth.allow.grads["dq"][0, 0].max() > 0  # still allowed
+
+
+def test_an_unbounded_gradient_allowance_stays_infinite_and_does_not_block_certification():
+    """A causal row whose only key carries a finfo.min bias is unconstrained: its gradient allowance is inf.
+
+    ``np.nan_to_num`` turned that inf into finfo(float64).max, which no float64 bound fits under, so a
+    1985-long case of this kind went to mp (hours) instead of the float64 reference (3 s).
+    """
+    bias = np.zeros((1, 1, 4, 6), np.float32)
+    bias[..., 0] = np.finfo(np.float32).min
+    case = _case(bias=bias, causal=True)
+    r64 = naive64_values(case, "zeros", True)
+    allow, verdict = tolerance.certified_bound(case, INFO.contract, r64.p, "zeros", r64.p_sink, r64.lse)
+    assert verdict == "free-rows"
+    assert np.isposinf(allow.grads["dq"][0, 0]).all()  # row 0: unbounded, and said so

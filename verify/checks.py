@@ -152,7 +152,7 @@ class _Findings:
                 differs &= ~(diff <= allow)
         if not differs.any():
             return
-        idx = np.unravel_index(int(np.argmax(np.where(differs, np.nan_to_num(diff, nan=np.inf), -1.0))), a.shape)
+        idx = np.unravel_index(int(np.argmax(np.where(differs, np.where(np.isnan(diff), np.inf, diff), -1.0))), a.shape)
         how = "beyond the allowance (the target is declared nondeterministic)" if self.info.nondeterministic else \
             "bitwise: the same case, run twice, gave other results"
         self.add("nondeterministic", "determinism", name, count=int(differs.sum()), total=int(differs.size),

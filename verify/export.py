@@ -66,7 +66,7 @@ def export(adapter: Adapter, case: Case, message: str) -> str:
         _, names = split_arrays(case, kw)
         expected.update({n: (truth.exact.grads[n], truth.allow.grads[n]) for n in names})
     for name, (exact, allow) in expected.items():
-        arrays[f"exact_{name}"], arrays[f"allow_{name}"] = exact, np.nan_to_num(allow, nan=np.inf)
+        arrays[f"exact_{name}"], arrays[f"allow_{name}"] = exact, np.nan_to_num(allow, nan=np.inf, posinf=np.inf)
     static = {key: val for key, val in kw.items() if key not in _INPUTS}
     module, function = _import_line(adapter)
     header = "\n".join(f"# {line}" for line in message.splitlines())

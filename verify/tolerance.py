@@ -312,7 +312,7 @@ def _allow(sc: _Scales, dtype: str, contract: Contract, lse: np.ndarray | None, 
             ps = sc.p_sink[..., None]
             errs["dsinks"] = (ps * (r_sink * (glse + da) + err_delta)).sum(axis=(0, 2))[:, 0]
     with np.errstate(invalid="ignore"):  # inf * 0 in a matmul (an unconstrained row, a zero input): unbounded
-        grads = {name: np.nan_to_num(SLACK * (errs[name] + rho * scales[name] + floor_g), nan=np.inf)
+        grads = {name: np.nan_to_num(SLACK * (errs[name] + rho * scales[name] + floor_g), nan=np.inf, posinf=np.inf)
                  for name in scales}
     return Allowance(out, result.scale_out, grads, scales, unconstrained, u, lse=allow_lse, free_rows=free_rows)
 
