@@ -79,7 +79,7 @@ INFO = TargetInfo(
 
 
 def _float_mask(bias: torch.Tensor, query_dtype: torch.dtype) -> torch.Tensor:
-    """The bias in a dtype SDPA accepts for a float mask, converted exactly."""
+    """The bias in a dtype SDPA accepts for a float mask (float32; float64 for fp64 queries), converted exactly."""
     want = torch.float64 if query_dtype == torch.float64 else torch.float32
     out = bias.to(want)
     if bias.dtype == torch.float64 and want != torch.float64 and not torch.equal(out.double(), bias):
@@ -87,19 +87,26 @@ def _float_mask(bias: torch.Tensor, query_dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def _attn_mask(
+def _four_d(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape((1,) * (4 - x.dim()) + tuple(x.shape))
+
+
+def sdpa_attn_mask(
     mask: torch.Tensor | None, bias: torch.Tensor | None, causal: bool, lq: int, lk: int, query_dtype: torch.dtype,
     align: str = "top-left",
 ) -> torch.Tensor | None:
-    """SDPA's single attn_mask for our mask, bias and (when combined with them) causal, aligned as ``align`` says."""
-    visible = mask
-    if causal and (mask is not None or bias is not None):
+    """SDPA's single 4-D attn_mask for our mask and bias, with the causal triangle (aligned as ``align`` says)
+    folded in when either is given; None when neither is (causal alone goes to SDPA's own flags)."""
+    if mask is None and bias is None:
+        return None
+    visible = None if mask is None else _four_d(mask)
+    if causal:
         device = (mask if mask is not None else bias).device
         tri = torch.ones(lq, lk, dtype=torch.bool, device=device).tril(lk - lq if align == "bottom-right" else 0)
-        visible = tri if mask is None else mask & tri
+        visible = tri if visible is None else visible & tri
     if bias is None:
         return visible
-    fmask = _float_mask(bias, query_dtype)
+    fmask = _four_d(_float_mask(bias, query_dtype))
     if visible is None:
         return fmask
     return torch.where(visible, fmask, torch.tensor(float("-inf"), dtype=fmask.dtype, device=fmask.device))
@@ -120,7 +127,7 @@ def attention(
     if align not in ("top-left", "bottom-right"):
         raise ValueError(f"align must be 'top-left' or 'bottom-right', got {align!r}")
     lq, lk = q.shape[1], k.shape[1]
-    attn_mask = _attn_mask(mask, bias, causal, lq, lk, q.dtype, align)
+    attn_mask = sdpa_attn_mask(mask, bias, causal, lq, lk, q.dtype, align)
     if causal and attn_mask is None and align == "bottom-right" and lq != lk:
         with warnings.catch_warnings():  # "will produce NaNs ... when seq_len_q > seq_len_kv": not on this path
             warnings.simplefilter("ignore", UserWarning)

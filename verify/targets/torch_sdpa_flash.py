@@ -62,6 +62,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from verify.targets.base import Contract, TargetInfo, Unsupported
+from verify.targets.torch_sdpa import sdpa_attn_mask
 
 INFO = TargetInfo(
     name="torch-sdpa-flash",
@@ -84,37 +85,6 @@ INFO = TargetInfo(
 )
 
 
-def _float_mask(bias: torch.Tensor, query_dtype: torch.dtype) -> torch.Tensor:
-    """The bias as a float32 (float64 for fp64 queries) mask, converted exactly or declined."""
-    want = torch.float64 if query_dtype == torch.float64 else torch.float32
-    out = bias.to(want)
-    if bias.dtype == torch.float64 and want != torch.float64 and not torch.equal(out.double(), bias):
-        raise Unsupported("the flash kernel takes a float32 mask here and this fp64 bias does not convert exactly")
-    return out
-
-
-def _four_d(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape((1,) * (4 - x.dim()) + tuple(x.shape))
-
-
-def _attn_mask(mask: torch.Tensor | None, bias: torch.Tensor | None, causal: bool, align: str, lq: int, lk: int,
-               query_dtype: torch.dtype) -> torch.Tensor | None:
-    """SDPA's single attn_mask for a mask and/or bias, with the causal triangle folded in when causal."""
-    if mask is None and bias is None:
-        return None
-    visible = None if mask is None else _four_d(mask)
-    if causal:
-        device = (mask if mask is not None else bias).device
-        tri = torch.ones(lq, lk, dtype=torch.bool, device=device).tril(lk - lq if align == "bottom-right" else 0)
-        visible = tri if visible is None else visible & tri
-    if bias is None:
-        return visible
-    fmask = _four_d(_float_mask(bias, query_dtype))
-    if visible is None:
-        return fmask
-    return torch.where(visible, fmask, torch.tensor(float("-inf"), dtype=fmask.dtype, device=fmask.device))
-
-
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -134,7 +104,7 @@ def attention(
     if bias is not None and bias.requires_grad and torch.is_grad_enabled():
         raise Unsupported("SDPA's CPU flash kernel has no gradient for a float attn_mask (bias): 'No available kernel'")
     lq, lk = q.shape[1], k.shape[1]
-    attn_mask = _attn_mask(mask, bias, causal, align, lq, lk, q.dtype)
+    attn_mask = sdpa_attn_mask(mask, bias, causal, lq, lk, q.dtype, align)
     is_causal = causal and attn_mask is None
     if is_causal and align == "bottom-right" and lq != lk:
         with warnings.catch_warnings():  # "will produce NaNs when seq_len_q > seq_len_kv": rows with no key are 0
