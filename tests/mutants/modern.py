@@ -40,6 +40,8 @@ import math
 
 import torch
 
+from tests.mutants.calls import check_call
+
 BUGS = (
     "none",
     "softcap_s_tanh",
@@ -86,14 +88,9 @@ class _Problem:
 
     def __init__(self, q, k, v, mask, bias, slopes, sinks, q_seg, kv_seg, opts, bug) -> None:
         scale, causal, align, window, softcap, key_chunk = opts
-        if align not in ("top-left", "bottom-right"):
-            raise ValueError(f"align must be 'top-left' or 'bottom-right', got {align!r}")
-        if mask is not None and mask.dtype != torch.bool:
-            raise TypeError(f"mask must be bool (True = attend), got {mask.dtype}")
+        check_call(q, k, v, mask, align)
         b, lq, hq, dk = q.shape
         _, lk, hkv, dv = v.shape
-        if k.shape[:3] != v.shape[:3] or k.shape[0] != b or k.shape[3] != dk or hq % hkv:
-            raise ValueError(f"q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)} do not form an attention call")
         self.bug = bug
         self.cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
         self.b, self.lq, self.lk, self.hq, self.hkv, self.dk, self.dv = b, lq, lk, hq, hkv, dk, dv

@@ -35,6 +35,8 @@ import math
 
 import torch
 
+from tests.mutants.calls import check_call
+
 TILE_M, TILE_N, TILE_D = 64, 128, 64
 SPLITS = 4
 DECODE_MAX_LQ, DECODE_MIN_LK = 4, 512
@@ -92,14 +94,9 @@ class _Kernel:
     """
 
     def __init__(self, q, k, v, mask, bias, scale, causal, align, bug) -> None:
-        if align not in ("top-left", "bottom-right"):
-            raise ValueError(f"align must be 'top-left' or 'bottom-right', got {align!r}")
-        if mask is not None and mask.dtype != torch.bool:
-            raise TypeError(f"mask must be bool (True = attend), got {mask.dtype}")
+        check_call(q, k, v, mask, align)
         b, lq, hq, dk = q.shape
         _, lk, hkv, dv = v.shape
-        if k.shape[:3] != v.shape[:3] or k.shape[0] != b or k.shape[3] != dk or hq % hkv:
-            raise ValueError(f"q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)} do not form an attention call")
         self.bug = bug
         self.cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
         self.b, self.lq, self.lk, self.hq, self.hkv, self.dk, self.dv = b, lq, lk, hq, hkv, dk, dv
