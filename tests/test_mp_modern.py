@@ -10,27 +10,13 @@ import numpy as np
 import pytest
 
 from oracles import mp
+from tests.test_mp import ulp_distance
 
 BF16 = ml_dtypes.bfloat16
 FIELDS = ("out", "lse", "dq", "dk", "dv", "dbias", "dsinks")
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def ulp_distance(a, b) -> np.ndarray:
-    """Float64 ulps between a and b elementwise (0 where equal, incl. 0 == -0, inf == inf, NaN == NaN)."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    same = (a == b) | (np.isnan(a) & np.isnan(b))
-
-    def ordered(x):
-        i = x.view(np.int64).astype(object)
-        mag = np.bitwise_and(i, 0x7FFFFFFFFFFFFFFF)
-        return np.where(i < 0, -mag, mag)
-
-    d = np.abs(ordered(a) - ordered(b)).astype(np.float64)
-    d = np.where(np.isnan(a) | np.isnan(b), np.inf, d)
-    return np.where(same, 0.0, d)
 
 
 def to_f64(x) -> float:

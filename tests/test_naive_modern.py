@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from oracles import mp, naive, spec
+from tests.test_naive import rel_err
 
 BF16 = ml_dtypes.bfloat16
 U64 = 2.0**-53
@@ -108,19 +109,6 @@ def abs_scales(c: dict, ref: mp.Grads) -> dict:
         gm = np.where(att.masked_row[..., None], g, 0.0).sum(axis=2, keepdims=True) / att.k.shape[1]
         out["dv"] = out["dv"] + group(np.broadcast_to(gm, p.shape[:2] + (att.k.shape[1], g.shape[-1])))
     return out
-
-
-def rel_err(x, ref, scale) -> float:
-    """max |x - ref| / scale; NaN and infinite positions must match exactly, and scale 0 means exact."""
-    x, ref = np.asarray(x, dtype=np.float64), np.asarray(ref, dtype=np.float64)
-    assert x.shape == ref.shape
-    np.testing.assert_array_equal(np.isnan(x), np.isnan(ref), err_msg="NaN positions differ")
-    inf = np.isinf(ref) | np.isinf(x)
-    np.testing.assert_array_equal(x[inf], ref[inf], err_msg="infinite entries differ")
-    ok = np.isfinite(ref) & np.isfinite(x)
-    d, s = np.abs(x - ref)[ok], np.broadcast_to(scale, ref.shape)[ok]
-    assert (d[s == 0] == 0).all(), "nonzero error where the scale is 0"
-    return float((d[s > 0] / s[s > 0]).max(initial=0.0))
 
 
 def errors(c: dict, got, ref: mp.Grads) -> dict:
