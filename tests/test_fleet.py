@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from verify import checks, fleet, fuzz
+from verify import checks, fleet, fleet_merge, fuzz
 from verify.case import Case
 from verify.commands import main
 from verify.findings import Finding
@@ -153,7 +153,7 @@ def _message(worker: int, f: Finding, tmp: Path) -> dict:
 def test_the_smallest_reproducer_of_a_key_is_kept_and_the_others_removed(tmp_path: Path) -> None:
     adapter = load(TWO_BUGS)
     sett = fuzz.Settings(repro_dir=tmp_path / "kept", **SMALL)
-    fl = fleet.Fleet(adapter.info, sett, "test", [fleet.Row(0, 0), fleet.Row(1, 1)])
+    fl = fleet_merge.Fleet(adapter.info, sett, "test", [fleet_merge.Row(0, 0), fleet_merge.Row(1, 1)])
 
     def finding(lq: int, describe: str = "case") -> Finding:
         dims = {"B": 1, "Lq": lq, "Lk": 4, "Hq": 1, "Hkv": 1, "Dk": 2, "Dv": 2}
@@ -165,7 +165,7 @@ def test_the_smallest_reproducer_of_a_key_is_kept_and_the_others_removed(tmp_pat
     assert seen == [(8, None), (2, 8)] and fl.raw == 4
     assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["x-forward-2.json", "x-forward-2.npz"]
     assert fl.origin == {("forward", "fp32", "out"): 1}
-    assert fleet.reproducer_size(finding(2)) < fleet.reproducer_size(finding(2, "a longer description"))
+    assert fleet_merge.reproducer_size(finding(2)) < fleet_merge.reproducer_size(finding(2, "a longer description"))
 
 
 def test_worker_seeds_are_distinct_and_worker_zero_keeps_the_campaign_seed() -> None:

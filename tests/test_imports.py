@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FRAMEWORK_MODULES = {"verify.targets.chunked_jax", "verify.targets.chunked_torch", "verify.targets.paper_jax",
                      "verify.targets.torch_sdpa", "verify.targets.jax_dpa", "verify.targets.mea_torch",
                      "verify.targets.mea_jax", "verify.targets.torch_sdpa_flash", "verify.targets.torch_flex",
-                     "verify.targets.triton_flash"}
+                     "verify.targets.triton_flash", "verify.targets.triton_flash_kernels"}
 
 
 def _python(code: str) -> subprocess.CompletedProcess:
