@@ -61,6 +61,7 @@ from pathlib import Path
 from verify import fuzz
 from verify.findings import Finding
 from verify.fleet_merge import Fleet, Row, finding_files, write_atomic
+from verify.isolation import child_threads
 from verify.targets import Adapter, TargetSpec
 
 SNAPSHOT_EVERY = 2.0  # seconds between a worker's progress reports
@@ -68,7 +69,6 @@ POLL = 0.25  # seconds between looks at the workers
 STOP_GRACE = 30.0  # seconds stopped workers get to send what they have
 LOST_GRACE = 2.0  # seconds a dead worker's last messages get to arrive before it counts as failed
 CONNECT_TIMEOUT = 10.0  # seconds to reach a Dask scheduler
-THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 _ONE_AT_A_TIME = threading.Lock()  # campaigns patch process-wide state (compat.fixed_generation_constants)
 
 
@@ -170,22 +170,16 @@ class _Local:
 
     def start(self, target: dict, sett: fuzz.Settings) -> None:
         channel = _LocalChannel(self.queue)
-        saved = {var: os.environ.get(var) for var in THREAD_VARS}
-        os.environ.update(dict.fromkeys(THREAD_VARS, "1"))  # one thread per worker, read at its start
         sigint = signal.signal(signal.SIGINT, signal.SIG_IGN) if _main_thread() else None  # inherited
         try:
-            for i in range(self.n):
-                p = self.ctx.Process(target=work, args=(target, sett, i, channel), name=f"attnverify-fleet-{i}")
-                p.start()
-                self.procs.append(p)
+            with child_threads(1):  # one thread per worker, read at its start
+                for i in range(self.n):
+                    p = self.ctx.Process(target=work, args=(target, sett, i, channel), name=f"attnverify-fleet-{i}")
+                    p.start()
+                    self.procs.append(p)
         finally:
             if sigint is not None:
                 signal.signal(signal.SIGINT, sigint)
-            for var, value in saved.items():
-                if value is None:
-                    os.environ.pop(var)
-                else:
-                    os.environ[var] = value
 
     def drain(self) -> list[dict]:
         try:

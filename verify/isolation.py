@@ -32,6 +32,8 @@ import multiprocessing
 import os
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from multiprocessing.connection import Connection
 
 from verify.case import Case
@@ -42,6 +44,21 @@ from verify.targets.loader import TargetSpec
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 MAX_MAPS = 40000  # memory mappings after which a worker is replaced (vm.max_map_count is 65530 by default)
 START_TIMEOUT = 300.0  # seconds a worker may take to import its framework and load the target
+
+
+@contextmanager
+def child_threads(n: int) -> Iterator[None]:
+    """Processes started inside get ``n`` BLAS/OpenMP threads (the variables their libraries read at start)."""
+    saved = {var: os.environ.get(var) for var in THREAD_VARS}
+    os.environ.update(dict.fromkeys(THREAD_VARS, str(n)))
+    try:
+        yield
+    finally:
+        for var, value in saved.items():
+            if value is None:
+                os.environ.pop(var)
+            else:
+                os.environ[var] = value
 
 
 def _maps() -> int:
@@ -105,16 +122,8 @@ class Worker:
         parent, child = self._ctx.Pipe()
         self._proc = self._ctx.Process(target=_serve, args=(child, self.target.to_meta()), daemon=True,
                                        name=f"attnverify-worker-{self.info.name}")
-        saved = {var: os.environ.get(var) for var in THREAD_VARS}
-        os.environ.update(dict.fromkeys(THREAD_VARS, str(self.threads)))  # read by the child's libraries at start
-        try:
+        with child_threads(self.threads):
             self._proc.start()
-        finally:
-            for var, value in saved.items():
-                if value is None:
-                    os.environ.pop(var)
-                else:
-                    os.environ[var] = value
         child.close()
         self._conn = parent
         self.starts += 1

@@ -30,9 +30,9 @@ from pathlib import Path
 
 from verify.accuracy.figures import Task, adapter, run_group
 from verify.accuracy.plan import SCHEMA_VERSION, Settings, cell_id, context, plan
+from verify.isolation import child_threads
 from verify.targets import TargetInfo, TargetSpec
 
-_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 PROGRESS_EVERY = 10.0
 
 
@@ -60,16 +60,8 @@ class _Runner:
             self._info = self.client.submit(target_info, target, pure=False)
         elif workers > 1:
             self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-            saved = {var: os.environ.get(var) for var in _THREAD_VARS}
-            os.environ.update(dict.fromkeys(_THREAD_VARS, "1"))  # one thread per worker, read at its start
-            try:  # each submit spawns a worker while none is idle: all load the target at once
+            with child_threads(1):  # each submit spawns a worker while none is idle: all load the target at once
                 self._info = [self.pool.submit(target_info, target) for _ in range(workers)][0]
-            finally:
-                for var, value in saved.items():
-                    if value is None:
-                        os.environ.pop(var)
-                    else:
-                        os.environ[var] = value
 
     def info(self) -> TargetInfo:
         return target_info(self.target) if self.pool is None and self.client is None else self._info.result()
