@@ -242,7 +242,8 @@ def _is_int(x: object) -> bool:
     return isinstance(x, int | np.integer) and not isinstance(x, bool | np.bool_)
 
 
-def _check_window(window: object) -> tuple[int | None, int | None] | None:
+def check_window(window: object) -> tuple[int | None, int | None] | None:
+    """``window`` as a pair of ints >= 0 or None (unbounded sides); ValueError naming what is wrong."""
     if window is None:
         return None
     if not isinstance(window, tuple | list) or len(window) != 2:
@@ -332,7 +333,7 @@ def normalize(
         if not np.isfinite(scale):
             raise ValueError(f"scale must be finite, got {scale}")
     off = offset(lq, lk, align)
-    window = _check_window(window)
+    window = check_window(window)
     softcap = _check_softcap(softcap)
 
     target = (b, hq, lq, lk)

@@ -45,7 +45,6 @@ as unavailable).
 from __future__ import annotations
 
 import math
-import operator
 
 import torch
 
@@ -62,6 +61,7 @@ from verify.targets.triton_flash_kernels import (
 # isort: split
 import triton
 
+from oracles import spec
 from verify.targets.base import Contract, TargetInfo
 
 BLOCK_M = 64  # query rows per tile
@@ -207,21 +207,6 @@ class _FlashAttention(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-def _check_window(window) -> tuple[int | None, int | None] | None:
-    if window is None:
-        return None
-    if not isinstance(window, tuple | list) or len(window) != 2:
-        raise ValueError(f"window must be None or a pair (left, right) of ints >= 0 or None, got {window!r}")
-    out = []
-    for side, x in zip(("left", "right"), window, strict=True):
-        if x is not None:
-            if isinstance(x, bool) or not hasattr(type(x), "__index__") or operator.index(x) < 0:
-                raise ValueError(f"window {side} must be an int >= 0 or None (unbounded), got {x!r}")
-            x = operator.index(x)
-        out.append(x)
-    return out[0], out[1]
-
-
 def _check_inputs(q, k, v, align, softcap, alibi_slopes) -> None:
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -269,7 +254,7 @@ def attention(
     ``return_lse``; differentiable in q, k, v (and through lse).
     """
     _check_inputs(q, k, v, align, softcap, alibi_slopes)
-    window = _check_window(window)
+    window = spec.check_window(window)
     slopes = None
     if alibi_slopes is not None:
         slopes = alibi_slopes.detach().to(device=q.device, dtype=torch.float32)
