@@ -91,3 +91,12 @@ def test_an_undeclared_constraint_is_a_counted_decline_and_a_declared_one_is_nev
     assert undeclared["findings"] == [] and undeclared["declined"]["fp32"]["equal_head_dims_only needs Dk == Dv"] > 0
     declared = campaign("--constraints", "dk=dv")
     assert declared["findings"] == [] and declared["declined"] == {}
+
+
+def test_a_format_1_case_file_replays_on_the_target_it_names(capsys: pytest.CaptureFixture) -> None:
+    """Case files written before TargetSpec metadata (format 1) name their target as a string."""
+    committed = Path(__file__).resolve().parents[1] / "reports/findings/mea-torch/mea-torch-shape-out-fp32.npz"
+    assert json.loads(committed.with_suffix(".json").read_text())["format"] == 1
+    assert main(["repro", str(committed)]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL shape · mea-torch · fp32 · out" in out and "FAIL crash · mea-torch · fp32 · grad pass" in out

@@ -76,7 +76,8 @@ class Finding:
 
     def message(self) -> str:
         """The multi-line report a reader of a failed CI log needs."""
-        lines = [f"FAIL {self.category} · {self.target} · {self.dtype} · {self.output}", f"  {self.describe}"]
+        where = f"{self.check} pass" if self.category in ("crash", "timeout") else self.output
+        lines = [f"FAIL {self.category} · {self.target} · {self.dtype} · {where}", f"  {self.describe}"]
         if self.got is not None and self.exact is not None and self.index is not None:
             where = f"{self.output}[{','.join(str(i) for i in self.index)}]"
             what = _WHAT.get(self.category, "beyond the allowance")

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 from typing import Any
 
-from verify.targets import TARGET_OPTIONS, TargetSpec
+from verify.targets import BUNDLED, TARGET_OPTIONS, TargetSpec
 
 
 class UsageError(Exception):
@@ -64,3 +64,17 @@ def target_spec(args: argparse.Namespace) -> TargetSpec:
     """The ``TargetSpec`` that ``--target`` and the declaration flags describe."""
     declared = {opt.field: getattr(args, _DECLARED + opt.field) for opt in TARGET_OPTIONS}
     return TargetSpec(args.target, **{k: v for k, v in declared.items() if v is not None})
+
+
+def case_target(case_meta: dict, file: str) -> TargetSpec:
+    """The target a saved case names: a ``TargetSpec`` (format 2), or a name and declarations (format 1)."""
+    named = case_meta.get("target")
+    if isinstance(named, dict):
+        return TargetSpec.from_meta(named)
+    if isinstance(named, str):  # format 1: the name, with a user target's declarations beside it
+        if named in BUNDLED:
+            return TargetSpec(named)
+        contract = case_meta.get("contract") or {}
+        return TargetSpec(named, framework=case_meta.get("framework"), features=case_meta.get("features"),
+                          masked_rows=case_meta.get("masked_rows"), dtypes=case_meta.get("dtypes"), **contract)
+    raise UsageError(f"{file}: the case names no target; pass --target")

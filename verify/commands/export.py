@@ -7,9 +7,8 @@ from pathlib import Path
 
 from verify import checks
 from verify.case import Case, case_files
-from verify.commands.common import UsageError, add_target_arguments, target_spec
+from verify.commands.common import UsageError, add_target_arguments, case_target, target_spec
 from verify.export import export
-from verify.targets import TargetSpec
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,12 +23,7 @@ def run(args: argparse.Namespace) -> int:
     if not js.exists() or not npz.exists():
         raise UsageError(f"no case file {js if not js.exists() else npz}")
     case = Case.load(args.file)
-    if args.target:
-        target = target_spec(args)
-    elif isinstance(case.meta.get("target"), dict):
-        target = TargetSpec.from_meta(case.meta["target"])
-    else:
-        raise UsageError(f"{args.file}: the case names no target; pass --target")
+    target = target_spec(args) if args.target else case_target(case.meta, args.file)
     adapter = target.load()
     found = checks.run_case(adapter, case, checks=("forward", "grad")).findings
     message = "\n".join(f.message() for f in found) or f"(no finding on {adapter.info.name} now)"

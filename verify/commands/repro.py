@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from verify import checks
 from verify.case import Case, case_files
-from verify.commands.common import UsageError, add_target_arguments, default, target_spec
+from verify.commands.common import UsageError, add_target_arguments, case_target, default, target_spec
 from verify.fuzz import Settings
-from verify.targets import TargetSpec
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -25,12 +23,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"no case file {js if not js.exists() else npz}")
     case = Case.load(args.file)
     meta = case.meta
-    if args.target:
-        target = target_spec(args)
-    elif isinstance(meta.get("target"), dict):
-        target = TargetSpec.from_meta(meta["target"])
-    else:
-        raise UsageError(f"{Path(args.file)}: the case names no target; pass --target")
+    target = target_spec(args) if args.target else case_target(meta, args.file)
     adapter = target.load()
     out = checks.run_case(adapter, case, checks=tuple(meta.get("checks", checks.CHECKS)),
                           policy=meta.get("policy", "bound"), timeout=args.timeout)
