@@ -318,3 +318,12 @@ def test_bad_softcaps_and_windows_are_one_line_errors(flags: list[str], message:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "cells").exists()
+
+
+def test_the_default_sweep_measures_error_against_rescalings(tmp_path: Path) -> None:
+    assert "rising" in accuracy.Settings().families
+    sett = accuracy.Settings(**{**TINY.__dict__, "dtypes": ("fp32",), "families": ("rising",)})
+    rep = accuracy.sweep(TORCH, sett, tmp_path, workers=1)
+    by_chunks = [t for t in accuracy.tables(rep) if "by number of key chunks" in t["title"]]
+    assert by_chunks and any("rescalings" in note for note in by_chunks[0]["notes"])
+    assert by_chunks[0]["header"] == ["family", "1 chunk", "2 chunks", "4 chunks"]  # L=8, 16 in chunks of 4 and L

@@ -74,7 +74,7 @@ class Settings:
     lengths: tuple[int, ...] = (16, 64, 256)
     query_chunks: tuple[str, ...] = ("16", "24", "L")  # 24 divides no default length: the last chunk is short
     key_chunks: tuple[str, ...] = ("1", "16", "24", "L")
-    families: tuple[str, ...] = ("normal", "large-logits", "row-offset")
+    families: tuple[str, ...] = ("normal", "large-logits", "row-offset", "rising")  # rising: chunks = rescalings
     masks: tuple[str, ...] = ("none", "causal")
     softcaps: tuple[str, ...] = ("none",)  # none or c > 0
     windows: tuple[str, ...] = ("none",)  # none or LEFT:RIGHT, an empty side unbounded

@@ -56,7 +56,8 @@ def plot(report: dict, out: Path) -> None:
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_xscale("log", base=2)
         _log_y(ax)
-        ax.set(title=dtype, xlabel="number of key chunks", ylabel="error / plain same-dtype error")
+        ax.set(title=dtype, xlabel="number of key chunks (rising: rescalings + 1)",
+               ylabel="error / plain same-dtype error")
         ax.legend(handles=ax.get_legend_handles_labels()[0] + style, fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "ratio_vs_key_chunks.png", dpi=90)

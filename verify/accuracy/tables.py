@@ -145,7 +145,10 @@ def tables(report: dict) -> list[dict]:
         out.append({"title": f"{dtype}: ratio to a plain same-dtype implementation by number of key chunks",
                     "header": ["family", *[f"{n} chunk{'s' if n > 1 else ''}" for n in counts]], "rows": body,
                     "notes": [f"output / gradients, worst over {_over(['lengths', 'query chunks', 'masks', *options])}"
-                              ": flat for a kernel whose accuracy does not depend on chunking"]})
+                              ": flat for a kernel whose accuracy does not depend on chunking"]
+                    + (["rising: every key chunk raises the running max, so n chunks are n - 1 rescalings of "
+                        "the accumulator: its row is error against the number of rescalings"]
+                       if "rising" in families else [])})
     return out
 
 
