@@ -385,3 +385,22 @@ def test_declared_tiles_put_their_edges_among_the_large_lengths():
     assert not plain & own  # without the declaration the menu is the common tiles' alone
     with pytest.raises(ValueError, match="tiles must be positive"):
         vs.cases(tiles=(0,))
+
+
+def test_sizes_restrict_the_mix() -> None:
+    lengths = {"small": [], "large": []}
+
+    def drawn(size: str) -> None:
+        @settings(max_examples=40, deadline=None, derandomize=True)
+        @given(vs.cases(max_len=2048, sizes=(size,), features=BASE, mask_kinds=("none",), families=("normal",)))
+        def collect(case: Case) -> None:
+            lengths[size].append(max(case.dims["Lq"], case.dims["Lk"]))
+
+        with compat.fixed_generation_constants():
+            collect()
+
+    drawn("small")
+    drawn("large")
+    assert max(lengths["small"]) <= 65 and min(lengths["large"]) >= 63 and max(lengths["large"]) >= 512
+    with pytest.raises(ValueError, match="unknown or empty size names"):
+        vs.cases(sizes=("huge",))

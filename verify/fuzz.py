@@ -99,6 +99,7 @@ class Settings:
     families: tuple[str, ...] = strategies.FAMILIES
     compact: bool | None = None  # shape buckets (strategies.COMPACT_SHAPES); None: for JAX targets only
     mask_kinds: tuple[str, ...] = strategies.MASK_KINDS
+    sizes: tuple[str, ...] = strategies.SIZES  # the size mix; one or two of them for benchmarks
     isolate: bool = True  # run a loadable target in a worker process (verify.isolation); False: --in-process
 
     def __post_init__(self) -> None:
@@ -346,7 +347,7 @@ class _Search:
         self.strategy = strategies.cases(
             dtypes=(dtype,), features=info.features, grad="grad" in camp.checks, max_len=sett.max_len,
             max_dim=sett.max_dim,
-            families=sett.families, mask_kinds=sett.mask_kinds,
+            families=sett.families, mask_kinds=sett.mask_kinds, sizes=sett.sizes,
             compact=info.framework == "jax" if sett.compact is None else sett.compact,
             constraints=info.constraints, layouts=layouts_for(info), tiles=info.tiles)
 

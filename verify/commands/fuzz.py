@@ -35,6 +35,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tolerance", choices=POLICIES, default=default(S, "policy"))
     p.add_argument("--families", type=csv, help="value families to draw (default: all)")
     p.add_argument("--masks", type=csv, help="mask kinds to draw (default: all)")
+    p.add_argument("--sizes", type=csv, help=f"case sizes to draw, of {','.join(strategies.SIZES)} (default: all, "
+                   "80/15/5 percent; one or two: drawn evenly)")
     p.add_argument("--max-len", type=int, default=default(S, "max_len"),
                    help="longest sequence of a large case (decode caches reach twice that); small cases stay <= 65")
     p.add_argument("--max-dim", type=int, default=default(S, "max_dim"), help=f"largest head dim drawn "
@@ -65,7 +67,8 @@ def settings_from(args: argparse.Namespace) -> fuzz.Settings:
         raise UsageError(f"unknown check {unknown[0]!r}; known: {', '.join(CHECKS)}")
     extra = {}
     for name, value, known in (("families", args.families, strategies.FAMILIES),
-                               ("mask_kinds", args.masks, strategies.MASK_KINDS)):
+                               ("mask_kinds", args.masks, strategies.MASK_KINDS),
+                               ("sizes", args.sizes, strategies.SIZES)):
         if value:
             bad = sorted(set(value) - set(known))
             if bad:

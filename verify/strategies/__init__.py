@@ -14,7 +14,16 @@ and falsifying examples (``cases(dtypes=('fp32',), ...)``) and check their argum
 
 from verify.strategies.assembly import SCALES, cases, example_case, make_case
 from verify.strategies.mask_kinds import MASK_KINDS, MASK_NEEDS, Masking, masks
-from verify.strategies.sizes import COMPACT_SHAPES, HEAD_DIMS, LENGTHS, chunk_menu, chunk_sizes, length_menu, shapes
+from verify.strategies.sizes import (
+    COMPACT_SHAPES,
+    HEAD_DIMS,
+    LENGTHS,
+    SIZES,
+    chunk_menu,
+    chunk_sizes,
+    length_menu,
+    shapes,
+)
 from verify.strategies.value_families import FAMILIES, Values, families, values
 
 __all__ = [
@@ -23,6 +32,7 @@ __all__ = [
     "HEAD_DIMS",
     "LENGTHS",
     "MASK_KINDS",
+    "SIZES",
     "MASK_NEEDS",
     "SCALES",
     "Masking",

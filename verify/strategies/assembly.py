@@ -23,6 +23,7 @@ from verify.strategies import value_families as vl
 from verify.strategies.menus import SEED, Pick, composite, hypothesis_pick, known, numpy_pick, one_of
 from verify.strategies.options import pick_options
 from verify.strategies.sizes import (
+    SIZES,
     SMALL_MAX_LEN,
     Dims,
     chunk_menu,
@@ -74,7 +75,7 @@ def _assemble(pick: Pick, dtype: str, dims: Dims, family: str, kind: str, chunks
 def _options(dtypes: Sequence[str], features: Iterable[str], families: Sequence[str], mask_kinds: Sequence[str],
              max_len: int, max_heads: int, max_dim: int, grad: bool, compact: bool,
              constraints: Iterable[str] = (), layouts: Sequence[str] = ("contiguous",),
-             tiles: Iterable[int] = ()) -> dict:
+             tiles: Iterable[int] = (), sizes: Sequence[str] = SIZES) -> dict:
     """Validated options of ``cases``: ``ValueError`` naming the first bad one."""
     features = frozenset(features)
     unknown = sorted(set(features) - set(FEATURES))
@@ -84,6 +85,7 @@ def _options(dtypes: Sequence[str], features: Iterable[str], families: Sequence[
     check_constraints(constraints)
     layouts = known("layout", layouts, lay.LAYOUTS)
     tiles = tuple(sorted(set(tiles)))
+    sizes = known("size", sizes, SIZES)
     if any(not isinstance(t, int) or t < 1 for t in tiles):
         raise ValueError(f"tiles must be positive integers, got {list(tiles)}")
     families = tuple(f for f in known("family", families, vl.FAMILIES) if f != "row-offset" or max_dim >= 2)
@@ -93,19 +95,23 @@ def _options(dtypes: Sequence[str], features: Iterable[str], families: Sequence[
     return {"dtypes": tuple(spec.dtype_name(d) for d in dtypes), "features": features, "families": families,
             "mask_kinds": kinds or ("none",), "max_len": max_len, "max_heads": max_heads, "max_dim": max_dim,
             "grad": bool(grad and "grad" in features), "compact": compact, "constraints": constraints,
-            "layouts": layouts, "tiles": tiles}
+            "layouts": layouts, "tiles": tiles, "sizes": sizes}
 
 
 def _pick_case(pick: Pick, *, dtypes: tuple[str, ...], features: frozenset[str], families: tuple[str, ...],
                mask_kinds: tuple[str, ...], max_len: int, max_heads: int, max_dim: int, grad: bool,
-               compact: bool, constraints: frozenset[str], layouts: tuple[str, ...], tiles: tuple[int, ...]) -> Case:
+               compact: bool, constraints: frozenset[str], layouts: tuple[str, ...], tiles: tuple[int, ...],
+               sizes: tuple[str, ...]) -> Case:
     dtype = pick(one_of(dtypes))
     family = pick(one_of(families))
     kind = pick(one_of(mask_kinds))
     limits = {"max_len": max_len, "max_heads": max_heads, "max_dim": max_dim, "gqa": "gqa" in features,
               "min_dk": 2 if family == "row-offset" else 1, "constraints": constraints}
     chunked = "chunks" in features
-    size = pick_size(pick) if max_len > SMALL_MAX_LEN else "small"
+    if max_len <= SMALL_MAX_LEN:
+        size = "small"
+    else:  # the drawn mix, or one of the sizes asked for (benchmarks: small or large only)
+        size = pick_size(pick) if set(sizes) == set(SIZES) else pick(one_of(sizes))
     if compact:
         dims, qchunk, kchunk = pick_compact(pick, chunked=chunked, size=size, **limits)
     else:
@@ -140,15 +146,17 @@ def cases(
     constraints: Iterable[str] = (),
     layouts: Sequence[str] = ("contiguous",),
     tiles: Iterable[int] = (),
+    sizes: Sequence[str] = SIZES,
 ) -> st.SearchStrategy[Case]:
     """Cases for a target declaring ``features``: nothing undeclared is generated (no mask without "mask",
     no bias masks without "bias", Hq == Hkv without "gqa", chunk sizes None without "chunks", g only with
     ``grad`` and "grad", no modern option without its feature) and nothing its ``constraints``
     (``targets.base.CONSTRAINTS``) exclude. ``compact`` draws shapes and chunks from ``COMPACT_SHAPES``
     (jitted targets); ``layouts`` are the memory layouts to draw (``verify.targets.layouts``); ``tiles``,
-    a kernel's fixed tile sizes, add their multiples +- 1 to the large lengths (``sizes.tile_lengths``)."""
+    a kernel's fixed tile sizes, add their multiples +- 1 to the large lengths (``sizes.tile_lengths``);
+    ``sizes`` restricts the size mix (``strategies.SIZES``: the default draws 80 / 15 / 5 percent)."""
     options = _options(dtypes, features, families, mask_kinds, max_len, max_heads, max_dim, grad, compact,
-                       constraints, layouts, tiles)
+                       constraints, layouts, tiles, sizes)
     _pick_case(numpy_pick(np.random.default_rng(0)), **options)  # bad limits fail now, not mid-campaign
     return _cases(**options)
 
