@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.mutants import BASE, MUTANTS
@@ -86,6 +87,16 @@ def test_slugs_are_safe_and_unique(name):
     other = fuzz.slug(Finding("forward", "forward", name + "2", "fp32", "normal", "none", ""), case)
     assert stem != other
     assert fuzz.slug(f, case.with_(key_chunk_size=2)) != stem  # a different case, a different file
+
+
+def test_a_non_finite_finding_is_strict_json_and_round_trips():
+    """A target's -inf or NaN result stays readable by strict JSON parsers (the report embeds findings)."""
+    f = Finding("overflow", "grad", "t", "fp16", "big-values", "none", "", output="dk", index=(0, 1), got=-np.inf,
+                exact=-5002.07, ratio=np.nan, allowance=np.inf)
+    text = json.dumps(f.to_json(), allow_nan=False)
+    back = Finding.from_json(json.loads(text))
+    assert back.got == -np.inf and back.exact == -5002.07 and np.isnan(back.ratio) and back.allowance == np.inf
+    assert back.index == (0, 1) and back.message() == f.message()
 
 
 def test_database_replays_earlier_failures_first(tmp_path):

@@ -18,6 +18,7 @@ NONFINITE = ("overflow", "nan")
 _REFERENCES = {"mp": "the mpmath oracle", "naive64": "float64 naive reference, certified: its error is below 1/64 "
                "of the allowance", "naive64*": "float64 naive reference, certified except on rows the contract leaves "
                "unconstrained"}  # a non-finite result where the exact value is finite
+_NUMBERS = ("got", "exact", "allowance", "ratio", "ulps", "scale", "u")  # float fields, possibly non-finite
 _WHAT = {"overflow": "±inf where the exact value is finite", "nan": "NaN where the exact value is finite",
          "underflow": "returned as 0 or subnormal beyond the allowance", "masked-row": "break the masked-row policy",
          "nondeterministic": "differ between two runs of the same case"}
@@ -62,9 +63,13 @@ class Finding:
         return (self.category, self.dtype, self.output)
 
     def to_json(self) -> dict:
+        """Strict JSON: a non-finite number (a target's ``got`` of -inf, say) is written as "inf", "-inf", "nan"."""
         d = asdict(self)
         d["index"] = list(self.index) if self.index is not None else None
         d["chunks"] = list(self.chunks)
+        for name in _NUMBERS:
+            if d[name] is not None and not math.isfinite(d[name]):
+                d[name] = str(d[name])
         return d
 
     @classmethod
@@ -72,6 +77,9 @@ class Finding:
         d = dict(d)
         d["index"] = tuple(d["index"]) if d.get("index") is not None else None
         d["chunks"] = tuple(d.get("chunks") or (None, None))
+        for name in _NUMBERS:
+            if isinstance(d.get(name), str):
+                d[name] = float(d[name])
         return cls(**d)
 
     def message(self) -> str:
