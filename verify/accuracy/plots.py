@@ -23,9 +23,13 @@ def _value(cells: list[dict], grads: bool, key: str) -> float:
     return np.nan if w is None else max(w, FLOOR)
 
 
-def _log_y(ax: object) -> None:
-    """Log scale where something was plotted; a note where every call failed."""
-    if any(np.isfinite(line.get_ydata()).any() for line in ax.get_lines()):
+def _log_axes(ax: object) -> None:
+    """Log scales (x base 2) where something was plotted; a note where every call failed (log axes would raise).
+
+    Call it before reference lines such as ``axhline``: only the data lines count.
+    """
+    if any(np.isfinite(np.asarray(line.get_ydata(), float)).any() for line in ax.get_lines()):
+        ax.set_xscale("log", base=2)
         ax.set_yscale("log")
     else:
         ax.text(0.5, 0.5, "no results (target errors)", ha="center", va="center", transform=ax.transAxes)
@@ -53,9 +57,8 @@ def plot(report: dict, out: Path) -> None:
             sel = [[c for c in mine if c["family"] == family and key_chunks(c) == n] for n in counts]
             ax.plot(counts, [_value(s, False, "ratio") for s in sel], "o-", color=f"C{i}", label=family)
             ax.plot(counts, [_value(s, True, "ratio") for s in sel], "s--", color=f"C{i}")
+        _log_axes(ax)
         ax.axhline(1.0, color="grey", lw=0.8)
-        ax.set_xscale("log", base=2)
-        _log_y(ax)
         ax.set(title=dtype, xlabel="number of key chunks (rising: rescalings + 1)",
                ylabel="error / plain same-dtype error")
         ax.legend(handles=ax.get_legend_handles_labels()[0] + style, fontsize=7)
@@ -100,9 +103,8 @@ def plot(report: dict, out: Path) -> None:
             ax.plot(lengths, [_value(s, False, "max_allow") if s else np.nan for s in sel], "o-", color=f"C{i}",
                     label=family)
             ax.plot(lengths, [_value(s, True, "max_allow") if s else np.nan for s in sel], "s--", color=f"C{i}")
+        _log_axes(ax)
         ax.axhline(1.0, color="red", lw=1, label="allowance")
-        ax.set_xscale("log", base=2)
-        _log_y(ax)
         ax.set(title=dtype, xlabel="sequence length L", ylabel="worst error / allowance")
         ax.legend(handles=ax.get_legend_handles_labels()[0] + style, fontsize=7)
     fig.tight_layout()
