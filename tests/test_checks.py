@@ -10,7 +10,7 @@ import pytest
 
 from oracles import mp
 from tests import fixture_targets as ft
-from verify import checks, reference, tolerance
+from verify import checks, policies, reference, tolerance
 from verify.case import Case
 from verify.targets import load
 from verify.targets.base import Contract
@@ -262,3 +262,36 @@ def test_an_lse_of_minus_inf_on_a_visible_row_is_an_underflow_and_names_no_sink(
     found = checks.run_case(load("lost_row_target:empty_posinf"), _case(g=False, mask=mask), checks=("forward",))
     assert [(f.category, f.output) for f in found.findings] == [("masked-row", "lse")]
     assert "sink" not in found.findings[0].message()  # the case has no sinks
+
+
+def _replace_fill(q, k, v, *, bias=None, causal=False, scale=None, **kw):
+    """A kernel that replaces masked logits by -0.7 finfo.max after adding the bias (jax.nn.dot_product_attention)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = np.einsum("bqhd,bkhd->bhqk", q.astype(np.float64), k.astype(np.float64)) * scale + bias.astype(np.float64)
+    if causal:
+        lq, lk = s.shape[-2:]
+        s = np.where(np.arange(lk)[None, :] <= np.arange(lq)[:, None], s, -0.7 * np.finfo(np.float32).max)
+    with np.errstate(invalid="ignore"):
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+    return np.einsum("bhqk,bkhd->bqhd", p, v.astype(np.float64)).astype(q.dtype)
+
+
+def test_uniform_rows_a_neg_inf_bias_completes_are_declined_and_bias_only_rows_still_checked():
+    """Under ``uniform``, which keys a fill reaches in a row a -inf bias completes is the kernel's choice."""
+    from verify.strategies import make_case
+    from verify.targets import adapter_for
+    from verify.targets.base import TargetInfo
+
+    adapter = adapter_for(_replace_fill, TargetInfo("replace_fill", "numpy", features=frozenset({"bias", "causal"}),
+                                                    masked_rows="uniform"))
+    dims = {"B": 1, "Lq": 4, "Lk": 4, "Hq": 1, "Hkv": 1, "Dk": 3, "Dv": 3}
+    case = make_case(3, "fp32", dims=dims, family="normal", features={"bias", "causal"}, grad=False)
+    bias = np.zeros((1, 1, 4, 4), np.float32)
+    bias[0, 0, 0, 0] = -np.inf  # row 0 sees only key 0 under causal: the bias completes the mask
+    completed = checks.run_case(adapter, case.with_(causal=True, bias=bias), checks=("forward",))
+    assert completed.declined == policies.UNDEFINED and completed.findings == []
+    assert policies.undefined_rows(case.with_(causal=True, bias=bias), "mask:uniform,bias:nan") == 0
+    bias[0, 0, 0, :] = -np.inf  # no mask at all: the bias alone empties row 0, whose mean is defined
+    alone = checks.run_case(adapter, case.with_(causal=False, bias=bias), checks=("forward",))
+    assert alone.declined is None and [f.category for f in alone.findings] == ["masked-row"]

@@ -262,6 +262,8 @@ def run_case(target: Adapter | InProcess, case: Case, *, checks: tuple[str, ...]
         raise ValueError(f"unknown checks {unknown}; known: {', '.join(CHECKS)}")
     executor = InProcess(target) if isinstance(target, Adapter) else target
     info = executor.info
+    if policies.undefined_rows(case, info.masked_rows):
+        return Outcome(declined=policies.UNDEFINED)  # nothing to check against: not run, counted as declined
     passes = passes_for(info, case, checks)
     overlap = hasattr(executor, "submit")  # a worker process runs the target while the reference is computed
     if overlap:

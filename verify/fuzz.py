@@ -431,7 +431,8 @@ class _Search:
         for k in ("reference", "target"):
             camp.seconds[k] += out.seconds.get(k, 0.0)
         camp.unconstrained_rows += out.unconstrained_rows
-        camp.references[out.reference] = camp.references.get(out.reference, 0) + 1
+        if out.reference:
+            camp.references[out.reference] = camp.references.get(out.reference, 0) + 1
         camp.stats.add(case, passes_for(self.executor.info, case, tuple(camp.checks)))
         camp.case_sequence = hashlib.sha256((camp.case_sequence + case.digest()).encode()).hexdigest()[:16]
         worst = camp.worst_ratio[dtype]

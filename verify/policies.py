@@ -11,6 +11,8 @@ values computed under ``zeros`` into those of the declared per-mechanism policie
 mean of all values of the kv head, lse -inf, dv receives ``g / Lk``; ``nan``: NaN in the row's
 output, lse and dq, in its kv head's dk and dv, in the dbias entries it reaches and in its head's
 dsinks), the same rules ``oracles.mp`` and ``oracles.naive`` apply for a single policy.
+``undefined_rows`` finds the rows ``uniform`` cannot define (a -inf bias completing a mask): a case with
+such a row is not run and counts as declined, with ``UNDEFINED`` as its reason.
 """
 
 from __future__ import annotations
@@ -62,6 +64,27 @@ def row_policies(case: Case, att: spec.Attention, text: str) -> dict[str, np.nda
     out[policy["bias"]] |= by_bias
     out[policy["mask"]] |= rows & ~by_bias
     return out
+
+
+UNDEFINED = ("uniform masked-row policy undefined where a -inf bias completes a mask (which keys a fill "
+             "reaches, all masked ones or only those of finite bias, is the kernel's choice)")
+
+
+def undefined_rows(case: Case, text: str) -> int:
+    """Empty rows of ``case`` whose value the declared policies leave to the kernel (0: every row is defined).
+
+    Under ``uniform`` for the bias mechanism, a row that a -inf bias empties where a mask hid the other keys
+    gets the mean of the masked keys' values from a kernel that replaces masked logits by a fill, and of
+    the masked keys of finite bias from one that adds the fill: both are "what a fill computes". A row that
+    the bias alone empties (no key masked) stays defined: the mean of all values.
+    """
+    if parse(text)["bias"] != "uniform" or case.bias is None or not np.isneginf(case.bias.astype(float)).any():
+        return 0
+    rows = spec.normalize(case.q, case.k, case.v, **case.semantics()).masked_row
+    if not rows.any():
+        return 0
+    structural = spec.normalize(case.q, case.k, case.v, **dict(case.semantics(), bias=None)).visible
+    return int((rows & structural.any(-1) & ~structural.all(-1)).sum())
 
 
 def apply(case: Case, text: str, out: np.ndarray, lse: np.ndarray, grads: dict[str, np.ndarray] | None) -> None:
