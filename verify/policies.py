@@ -59,8 +59,7 @@ def row_policies(case: Case, att: spec.Attention, text: str) -> dict[str, np.nda
     if policy["mask"] == policy["bias"] or not rows.any():
         out[policy["mask"]] = rows
         return out
-    structural = spec.normalize(case.q, case.k, case.v, **dict(case.semantics(), bias=None)).visible
-    by_bias = rows & structural.any(-1)  # a key was visible until the -inf bias hid it
+    by_bias = rows & _structural(case).any(-1)  # a key was visible until the -inf bias hid it
     out[policy["bias"]] |= by_bias
     out[policy["mask"]] |= rows & ~by_bias
     return out
@@ -83,8 +82,13 @@ def undefined_rows(case: Case, text: str) -> int:
     rows = spec.normalize(case.q, case.k, case.v, **case.semantics()).masked_row
     if not rows.any():
         return 0
-    structural = spec.normalize(case.q, case.k, case.v, **dict(case.semantics(), bias=None)).visible
+    structural = _structural(case)
     return int((rows & structural.any(-1) & ~structural.all(-1)).sum())
+
+
+def _structural(case: Case) -> np.ndarray:
+    """bool [B, Hq, Lq, Lk]: the keys each query sees before any bias (mask, causal, window, segments)."""
+    return spec.normalize(case.q, case.k, case.v, **dict(case.semantics(), bias=None)).visible
 
 
 def apply(case: Case, text: str, out: np.ndarray, lse: np.ndarray, grads: dict[str, np.ndarray] | None) -> None:
