@@ -6,6 +6,7 @@ D=64, float32 unless a test says otherwise.
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -142,3 +143,34 @@ def test_torch_peak_dense_quadratic_chunked_flat() -> None:
     assert 1.8 <= _exponent(dense, "forward", "temp") <= 2.2
     assert abs(_exponent(chunked, "forward", "temp")) < 0.1
     assert all(r.beyond is None for r in dense + chunked)
+
+
+def test_beyond_is_measured_when_the_persistent_cache_already_holds_the_program(tmp_path: Path) -> None:
+    """JAX decides once per process whether it uses its persistent cache; once it does, turning the
+    config off changed nothing, so a program compiled before (an earlier test, an earlier run) came
+    from the cache without a dump and ``beyond`` was None."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental.compilation_cache import compilation_cache
+
+    m = importlib.import_module("verify.memory.measure")  # the module (verify.memory.measure is also a function)
+
+    def dense(q, k, v):
+        return jnp.einsum("bqhk,bkhd->bqhd", jax.nn.softmax(jnp.einsum("bqhd,bkhd->bqhk", q, k), axis=-1), v)
+
+    saved = {n: getattr(jax.config, n) for n in ("jax_compilation_cache_dir", "jax_enable_compilation_cache",
+                                                 "jax_persistent_cache_min_compile_time_secs")}
+    try:
+        jax.config.update("jax_compilation_cache_dir", str(tmp_path))
+        jax.config.update("jax_enable_compilation_cache", True)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        compilation_cache.reset_cache()
+        jax.jit(lambda x: x + 1)(jnp.ones(3)).block_until_ready()  # the process now uses the cache
+        first = m._jax_bytes(dense, "cpu", (1, 256, 1, 32), jnp.float32, "forward")
+        m._XLA_MEMO.clear()
+        again = m._jax_bytes(dense, "cpu", (1, 256, 1, 32), jnp.float32, "forward")
+    finally:
+        for name, value in saved.items():
+            jax.config.update(name, value)
+        compilation_cache.reset_cache()
+    assert first[1] is not None and again == first

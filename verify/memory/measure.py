@@ -168,6 +168,7 @@ def _jax_bytes(fn: Callable, device: str, shape: tuple[int, ...], dtype: np.dtyp
                pass_: str) -> tuple[int, int | None, int]:
     """(temp, beyond, result bytes) of XLA's compilation of one pass."""
     import jax
+    from jax.experimental.compilation_cache import compilation_cache
 
     sharding = jax.sharding.SingleDeviceSharding(jax.devices(device)[0])
     arg = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
@@ -180,8 +181,12 @@ def _jax_bytes(fn: Callable, device: str, shape: tuple[int, ...], dtype: np.dtyp
     if key not in _XLA_MEMO:
         results = jax.tree_util.tree_leaves(lowered.out_info)
         keys = {shape_key(r.shape) for r in results}
+        # A cached executable comes without a dump, so the persistent cache is off for this compile.
+        # JAX decides once per process whether it uses the cache (the first compile's answer stays),
+        # so the switch only takes with reset_cache, before and after (the next compile re-decides).
         cache_was = jax.config.jax_enable_compilation_cache
-        jax.config.update("jax_enable_compilation_cache", False)  # a cached executable comes without a dump
+        jax.config.update("jax_enable_compilation_cache", False)
+        compilation_cache.reset_cache()
         try:
             with tempfile.TemporaryDirectory(prefix="attnverify-xla-") as dump:
                 compiled = lowered.compile(compiler_options={"xla_dump_to": dump, "xla_dump_hlo_as_text": True})
@@ -189,6 +194,7 @@ def _jax_bytes(fn: Callable, device: str, shape: tuple[int, ...], dtype: np.dtyp
                 covered = result_shaped_temp_bytes(Path(files[0]).read_text(), keys) if len(files) == 1 else None
         finally:
             jax.config.update("jax_enable_compilation_cache", cache_was)
+            compilation_cache.reset_cache()
         temp = int(compiled.memory_analysis().temp_size_in_bytes)
         result_bytes = sum(math.prod(r.shape) * np.dtype(r.dtype).itemsize for r in results)
         _XLA_MEMO[key] = (temp, None if covered is None else temp - covered, result_bytes)
