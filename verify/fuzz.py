@@ -184,6 +184,18 @@ def layouts_for(info: TargetInfo) -> tuple[str, ...]:
     return LAYOUTS if info.framework in ("torch", "numpy") else ("contiguous",)
 
 
+def campaign_options(info: TargetInfo, sett: Settings, dtype: str, *, grad: bool) -> dict:
+    """The arguments of ``strategies.cases`` for a campaign with ``sett`` on a target declaring ``info``.
+
+    One construction for campaigns and for coverage comparisons (``verify.coverage`` samples the
+    same menus): shape buckets for JAX targets unless ``sett.compact`` says otherwise.
+    """
+    return {"dtypes": (dtype,), "features": info.features, "grad": grad, "max_len": sett.max_len,
+            "max_dim": sett.max_dim, "families": sett.families, "mask_kinds": sett.mask_kinds, "sizes": sett.sizes,
+            "compact": info.framework == "jax" if sett.compact is None else sett.compact,
+            "constraints": info.constraints, "layouts": layouts_for(info), "tiles": info.tiles}
+
+
 def seed_for(seed: int, dtype: str, restart: int) -> int:
     """The Hypothesis seed of one dtype's ``restart``-th search: different per dtype, same on every entry point."""
     return int(hashlib.sha256(f"{seed}/{dtype}/{restart}".encode()).hexdigest()[:8], 16)
@@ -343,13 +355,7 @@ class _Search:
         self.found: set[str] = set()
         self.limits = _Limits(sett.timeout)
         self.in_flight = in_flight(sett, executor.info)
-        info = executor.info
-        self.strategy = strategies.cases(
-            dtypes=(dtype,), features=info.features, grad="grad" in camp.checks, max_len=sett.max_len,
-            max_dim=sett.max_dim,
-            families=sett.families, mask_kinds=sett.mask_kinds, sizes=sett.sizes,
-            compact=info.framework == "jax" if sett.compact is None else sett.compact,
-            constraints=info.constraints, layouts=layouts_for(info), tiles=info.tiles)
+        self.strategy = strategies.cases(**campaign_options(executor.info, sett, dtype, grad="grad" in camp.checks))
 
     def run(self) -> str:
         """Search until done; returns what ended it (max_examples, budget, exhausted, max_findings)."""

@@ -3,8 +3,10 @@
 A campaign that passes only says something about the cases it ran; ``Stats`` records them so the
 JSON (and ``--stats``) show the distribution: length and head-dim histograms (power-of-two
 buckets), the largest L and Dk reached, chunk kinds relative to the length (default, 1, divisor,
-non-divisor, >= L), mask kinds, value families, the features each example exercised, and the
-passes run. Two campaigns with the same settings have the same statistics.
+non-divisor, >= L), mask kinds, value families, the features each example exercised, the passes
+run, and the drawn parameters of the options (window sides relative to the length, scale and
+softcap values, the kind of ALiBi slopes, sinks and segments). Two campaigns with the same
+settings have the same statistics; ``verify.coverage`` compares samples of what they draw.
 """
 
 from __future__ import annotations
@@ -32,6 +34,17 @@ def chunk_kind(chunk: int | None, length: int) -> str:
     if chunk == 1:
         return "1"
     return "divides" if length % chunk == 0 else "non-divisor"
+
+
+def window_side(side: int | None, length: int) -> str:
+    """How one side of a window relates to the key length: none (unbounded), 0, 1, L-1, >=L, between."""
+    if side is None:
+        return "none"
+    if side >= length:
+        return ">=L"
+    if side in (0, 1):
+        return str(side)
+    return "L-1" if side == length - 1 else "between"
 
 
 def features_of(case: Case) -> list[str]:
@@ -81,6 +94,14 @@ class Stats:
         self._count("layout", case.layout)
         for feat in features_of(case) or ["none"]:
             self._count("features", feat)
+        if case.window is not None:
+            self._count("window_left", window_side(case.window[0], d["Lk"]))
+            self._count("window_right", window_side(case.window[1], d["Lk"]))
+        for what, value in (("scale", case.scale), ("softcap", case.softcap)):
+            if value is not None:
+                self._count(what, f"{value:g}")
+        for what, how in case.meta.get("option_params", {}).items():  # alibi, sinks, segments: which kind
+            self._count(what, str(how))
 
     def to_json(self) -> dict:
         return {"examples": self.examples, "max_len": self.max_len, "max_dim": self.max_dim,

@@ -12,7 +12,7 @@ seed, so shrinking never works on thousands of floats. Strategies read as their 
 and falsifying examples (``cases(dtypes=('fp32',), ...)``) and check their arguments eagerly.
 """
 
-from verify.strategies.assembly import SCALES, cases, example_case, make_case
+from verify.strategies.assembly import SCALES, cases, example_case, make_case, sample_cases
 from verify.strategies.mask_kinds import MASK_KINDS, MASK_NEEDS, Masking, masks
 from verify.strategies.sizes import (
     COMPACT_SHAPES,
@@ -44,6 +44,7 @@ __all__ = [
     "families",
     "length_menu",
     "make_case",
+    "sample_cases",
     "masks",
     "shapes",
     "values",

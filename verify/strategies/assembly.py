@@ -3,7 +3,8 @@
 ``cases`` draws every choice with Hypothesis (so each shrinks toward the simplest: short lengths,
 chunk None or 1, the first family and mask kind, ``scale=None``); ``example_case`` samples the
 same menus from a numpy seed; ``make_case`` builds one case of an explicit shape, family, mask kind
-and chunk sizes (accuracy sweeps). All three assemble the case in one function, ``_assemble``,
+and chunk sizes (accuracy sweeps); ``sample_cases`` draws independent cases from ``cases``' menus
+(coverage comparisons). All three assemble the case in one function, ``_assemble``,
 which also picks, in one place, the key block that chunk-aligned families and mask kinds align to:
 the case's key chunk, or a block drawn from the chunk menu when the target chooses its own chunks
 (recorded as ``meta["key_block"]``).
@@ -11,7 +12,8 @@ the case's key chunk, or a block drawn from the chunk menu when the target choos
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import inspect
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 from hypothesis import strategies as st
@@ -159,6 +161,21 @@ def cases(
                        constraints, layouts, tiles, sizes)
     _pick_case(numpy_pick(np.random.default_rng(0)), **options)  # bad limits fail now, not mid-campaign
     return _cases(**options)
+
+
+def sample_cases(seed: int, examples: int, **kwargs: object) -> Iterator[Case]:
+    """``examples`` independent cases from the menus that ``cases(**kwargs)`` draws from (numpy, no Hypothesis).
+
+    Hypothesis explores: its draws within a run are correlated (it mutates and replays earlier
+    choices), so one run is no sample of the menus' distribution. These draws are: what
+    ``verify.coverage`` compares to tell whether a change altered what campaigns cover.
+    """
+    bound = inspect.signature(cases).bind(**kwargs)
+    bound.apply_defaults()
+    options = _options(**bound.arguments)
+    rng = np.random.default_rng(seed)
+    for _ in range(examples):
+        yield _pick_case(numpy_pick(rng), **options)
 
 
 def example_case(seed: int, dtype: str = "fp32", *, family: str | None = None, mask_kind: str | None = None,
