@@ -99,6 +99,15 @@ def test_a_non_finite_finding_is_strict_json_and_round_trips():
     assert back.index == (0, 1) and back.message() == f.message()
 
 
+def test_a_campaign_with_a_non_finite_worst_ratio_is_strict_json_and_round_trips():
+    """A finite result against an infinite exact value makes an infinite ratio; the JSON stays strict."""
+    camp = fuzz.Campaign(target="t", settings={}, checks=["forward"], unexercised=[])
+    camp.worst_ratio = {"fp32": {"out": np.inf, "lse": 0.25, "dq": None}}
+    text = json.dumps(camp.to_json(), allow_nan=False)
+    back = fuzz.Campaign.from_json(json.loads(text))
+    assert back.worst_ratio == {"fp32": {"out": np.inf, "lse": 0.25, "dq": None}}
+
+
 def test_database_replays_earlier_failures_first(tmp_path):
     m = MUTANTS["dbias_scaled"]
     sett = fuzz.Settings(database=tmp_path / "db", repro_dir=tmp_path / "f", max_findings=1, dtypes=("fp32",))

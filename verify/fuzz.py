@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import signal
@@ -152,7 +153,8 @@ class Campaign:
             "coverage": self.coverage,
             "incomplete": self.incomplete,
             "seconds": self.seconds,
-            "worst_ratio": self.worst_ratio,
+            "worst_ratio": {dtype: {name: _strict(r) for name, r in ratios.items()}
+                            for dtype, ratios in self.worst_ratio.items()},
             "interrupted": self.interrupted,
             "declined": self.declined,
             "unconstrained_rows": self.unconstrained_rows,
@@ -171,12 +173,18 @@ class Campaign:
         return cls(
             d["target"], dict(d["settings"]), list(d["checks"]), list(d["unexercised_features"]),
             examples=dict(d["examples"]), findings=[Finding.from_json(f) for f in d["findings"]],
-            worst_ratio={k: dict(v) for k, v in d["worst_ratio"].items()}, seconds=dict(d["seconds"]),
+            worst_ratio={k: {name: float(r) if isinstance(r, str) else r for name, r in v.items()}
+                         for k, v in d["worst_ratio"].items()}, seconds=dict(d["seconds"]),
             coverage=dict(d["coverage"]), interrupted=d["interrupted"],
             provisional=[Finding.from_json(f) for f in d["unshrunk_findings"]],
             declined={k: dict(v) for k, v in d["declined"].items()}, unconstrained_rows=d["unconstrained_rows"],
             references=dict(d["references"]), stats=Stats.from_json(d["stats"]), case_sequence=d["case_sequence"],
             timeouts=list(d["timeouts"]), workers=dict(d["workers"]))
+
+
+def _strict(x: float | None) -> float | str | None:
+    """A number for strict JSON: "inf", "-inf" or "nan" where it is not finite (as findings write them)."""
+    return str(x) if x is not None and not math.isfinite(x) else x
 
 
 def layouts_for(info: TargetInfo) -> tuple[str, ...]:
