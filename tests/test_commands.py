@@ -100,3 +100,26 @@ def test_a_format_1_case_file_replays_on_the_target_it_names(capsys: pytest.Capt
     assert main(["repro", str(committed)]) == 1
     out = capsys.readouterr().out
     assert "FAIL shape · mea-torch · fp32 · out" in out and "FAIL crash · mea-torch · fp32 · grad pass" in out
+
+
+def test_a_value_our_checks_reject_is_a_usage_error(capsys: pytest.CaptureFixture) -> None:
+    assert main(["fuzz", "--target", "chunked-torch", "--max-len", "0", "--in-process", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("attnverify: error: ") and "Traceback" not in err
+
+
+def test_a_harness_bug_is_an_internal_error_with_its_traceback(capsys: pytest.CaptureFixture,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ValueError from inside numpy (or any other exception) escaping a command is attnverify's bug:
+    exit 4 and the traceback, never the one-line usage error (2) or Python's 1, which reads as findings."""
+    import numpy as np
+
+    from verify.commands import demo
+
+    monkeypatch.setattr(demo, "run", lambda args: np.zeros(2).reshape(3))
+    assert main(["demo"]) == 4
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "attnverify: internal error (ValueError: cannot reshape" in err
+    monkeypatch.setattr(demo, "run", lambda args: {}["missing"])
+    assert main(["demo"]) == 4
+    assert "internal error (KeyError" in capsys.readouterr().err
