@@ -340,3 +340,28 @@ def test_the_default_sweep_measures_error_against_rescalings(tmp_path: Path) -> 
     by_chunks = [t for t in accuracy.tables(rep) if "by number of key chunks" in t["title"]]
     assert by_chunks and any("rescalings" in note for note in by_chunks[0]["notes"])
     assert by_chunks[0]["header"] == ["family", "1 chunk", "2 chunks", "4 chunks"]  # L=8, 16 in chunks of 4 and L
+
+
+def test_seeds_whose_rows_have_no_single_answer_are_declined(tmp_path: Path) -> None:
+    """Under ``uniform``, a row that a -inf bias empties after the window hid its other keys has two right
+    answers (replace or add the fill): such a seed is declined and counted, as campaigns do, never failed."""
+    from verify import policies
+
+    target = TargetSpec("tests.fixture_targets:uniform_rows", features=("mask", "bias", "causal", "window"))
+    sett = accuracy.Settings(dtypes=("fp32",), lengths=(8,), families=("normal",), masks=("bias-inf",), seeds=6,
+                             windows=("none", "0:0"))
+    rep = accuracy.sweep(target, sett, tmp_path, workers=1)
+    accuracy.write(rep, tmp_path)
+    info = target.load().info
+    declined = 0
+    for cell in rep["cells"]:
+        for s in cell["seeds"]:
+            case = make_case(s["data_seed"], "fp32", dims=sett.dims(8), family="normal", mask_kind="bias-inf",
+                             features=info.features, grad=False, window=cell["window"])
+            undefined = policies.undefined_rows(case, info.masked_rows) > 0
+            assert ("declined" in s) == undefined and ("outputs" in s) != undefined
+            declined += undefined
+        assert cell.get("declined", 0) == sum("declined" in s for s in cell["seeds"])
+        assert all(f["pass"] for f in cell["outputs"].values())
+    assert declined > 0 and any(c["window"] is None and "declined" not in c for c in rep["cells"])
+    assert f"{declined} seed(s) not run: " in (tmp_path / "report.md").read_text()

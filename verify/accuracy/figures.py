@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from oracles import naive, spec
-from verify import checks, tolerance
+from verify import checks, policies, tolerance
 from verify.accuracy.plan import Settings, cell_id, data_seed
 from verify.case import Case
 from verify.execution import InProcess
@@ -220,6 +220,10 @@ def run_group(task: Task) -> list[dict]:
                              mask_kind=cell["mask"], query_chunk_size=cell["query_chunk"],
                              key_chunk_size=cell["key_chunk"], features=info.features, grad=grad,
                              softcap=cell["softcap"], window=cell["window"])
+            if policies.undefined_rows(case, info.masked_rows):  # no single right answer: not run, as in fuzz
+                seeds.append({"index": index, "data_seed": dseed, "inputs": inputs_digest(case),
+                              "declined": policies.UNDEFINED})
+                continue
             digest = case.digest(chunks=False)
             if digest not in truths:
                 truths[digest] = _truth(case, info, grad, sett.mp_max_len)
@@ -231,9 +235,10 @@ def run_group(task: Task) -> list[dict]:
             seeds.append({"index": index, "data_seed": dseed, "inputs": inputs_digest(case),
                           "reference": truth.exact.reference,
                           "naive64_vs_mp": truth.naive64_vs_mp, **figs})
-        names = {s["reference"] for s in seeds}
+        names = {s["reference"] for s in seeds if "reference" in s}
         done.append({**cell, "id": cell_id(task.context, cell),
-                     "reference": names.pop() if len(names) == 1 else "mixed",
+                     "reference": names.pop() if len(names) == 1 else "mixed" if names else "none",
                      "errors": sum("error" in s for s in seeds), "outputs": _aggregate(seeds, pooled),
-                     "seeds": seeds, "seconds": {"reference": t_ref, "target": t_target}})
+                     "seeds": seeds, "seconds": {"reference": t_ref, "target": t_target},
+                     **({"declined": n} if (n := sum("declined" in s for s in seeds)) else {})})
     return done

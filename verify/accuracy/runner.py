@@ -189,7 +189,7 @@ def _naive_sample(cells: list[dict]) -> dict:
     count = 0
     for cell in cells:
         for s in cell["seeds"]:
-            if s["naive64_vs_mp"] is not None:
+            if s.get("naive64_vs_mp") is not None:
                 count += 1
                 for name, x in s["naive64_vs_mp"].items():
                     worst[name] = max(worst.get(name, 0.0), x)

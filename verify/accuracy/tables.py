@@ -15,6 +15,7 @@ import html
 import math
 
 from oracles import spec
+from verify import policies
 from verify.accuracy.gate import chunk_label, fmt, regression_lines, verdict
 from verify.accuracy.plan import key_chunks, softcap_label, window_label
 
@@ -137,6 +138,9 @@ def tables(report: dict) -> list[dict]:
                  REFERENCE_NOTE]
         if failed:
             notes.append(f"{len(failed)} target call(s) failed, first: {failed[0]}")
+        declined = sum(c.get("declined", 0) for c in mine)
+        if declined:
+            notes.append(f"{declined} seed(s) not run: {policies.UNDEFINED}")
         out.append({"title": f"{dtype}: error in allowances by chunk sizes and length", "header": header,
                     "rows": body, "notes": notes})
         counts = sorted({key_chunks(c) for c in mine})
