@@ -63,30 +63,28 @@ def _tables(expected: Stats, got: Stats) -> list[tuple[str, list[str], list[int]
     return tables
 
 
-def _homogeneity(keys: list[str], a: list[int], b: list[int]) -> tuple[float, int, list[str]] | None:
-    """(chi-square, degrees of freedom, keys after pooling) of a K x 2 table; None if nothing to test."""
+def _homogeneity(keys: list[str], a: list[int], b: list[int]) -> tuple[float, int] | None:
+    """(chi-square, degrees of freedom) of a K x 2 table, rare keys pooled; None if nothing to test."""
     na, nb = sum(a), sum(b)
     if na == 0 or nb == 0:
         return None
     total = na + nb
-    kept, pooled = [], ([], 0, 0)
-    for k, x, y in zip(keys, a, b, strict=True):
-        if x + y == 0:
-            continue
+    kept, rare = [], [0, 0]
+    for x, y in zip(a, b, strict=True):
         if min(na, nb) * (x + y) / total < MIN_EXPECTED:
-            pooled = (pooled[0] + [k], pooled[1] + x, pooled[2] + y)
+            rare[0], rare[1] = rare[0] + x, rare[1] + y
         else:
-            kept.append((k, x, y))
-    if pooled[0]:
-        kept.append(("+".join(pooled[0]), pooled[1], pooled[2]))
+            kept.append((x, y))
+    if sum(rare):
+        kept.append(tuple(rare))
     if len(kept) < 2:
         return None
     chi2 = 0.0
-    for _, x, y in kept:
+    for x, y in kept:
         for observed, n in ((x, na), (y, nb)):
             e = n * (x + y) / total
             chi2 += (observed - e) ** 2 / e
-    return chi2, len(kept) - 1, [k for k, _, _ in kept]
+    return chi2, len(kept) - 1
 
 
 def differences(expected: Stats, got: Stats, alpha: float = DEFAULT_ALPHA) -> list[str]:
@@ -104,7 +102,7 @@ def differences(expected: Stats, got: Stats, alpha: float = DEFAULT_ALPHA) -> li
             tested.append((name, keys, a, b, result))
     level = alpha / max(1, len(tested))
     out = []
-    for name, keys, a, b, (chi2, df, _) in tested:
+    for name, keys, a, b, (chi2, df) in tested:
         p = _chi2_sf(chi2, df)
         if p >= level:
             continue

@@ -19,6 +19,18 @@ _REFERENCES = {"mp": "the mpmath oracle", "naive64": "float64 naive reference, c
                "of the allowance", "naive64*": "float64 naive reference, certified except on rows the contract leaves "
                "unconstrained"}  # a non-finite result where the exact value is finite
 _NUMBERS = ("got", "exact", "allowance", "ratio", "ulps", "scale", "u")  # float fields, possibly non-finite
+
+
+def json_number(x: float | None) -> float | str | None:
+    """``x`` for strict JSON: "inf", "-inf" or "nan" where it is not finite (``number_from_json`` reads it back)."""
+    return str(x) if x is not None and not math.isfinite(x) else x
+
+
+def number_from_json(x: float | str | None) -> float | None:
+    """What ``json_number`` wrote, as a float again."""
+    return float(x) if isinstance(x, str) else x
+
+
 _WHAT = {"overflow": "±inf where the exact value is finite", "nan": "NaN where the exact value is finite",
          "underflow": "returned as 0 or subnormal beyond the allowance", "masked-row": "break the masked-row policy",
          "nondeterministic": "differ between two runs of the same case"}
@@ -68,8 +80,7 @@ class Finding:
         d["index"] = list(self.index) if self.index is not None else None
         d["chunks"] = list(self.chunks)
         for name in _NUMBERS:
-            if d[name] is not None and not math.isfinite(d[name]):
-                d[name] = str(d[name])
+            d[name] = json_number(d[name])
         return d
 
     @classmethod
@@ -78,8 +89,8 @@ class Finding:
         d["index"] = tuple(d["index"]) if d.get("index") is not None else None
         d["chunks"] = tuple(d.get("chunks") or (None, None))
         for name in _NUMBERS:
-            if isinstance(d.get(name), str):
-                d[name] = float(d[name])
+            if name in d:
+                d[name] = number_from_json(d[name])
         return cls(**d)
 
     def message(self) -> str:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import signal
@@ -48,7 +47,7 @@ from verify import compat, strategies
 from verify.case import Case, case_files
 from verify.checks import CHECKS, DEFAULT_TIMEOUT, Outcome, passes_for, run_case
 from verify.execution import InProcess
-from verify.findings import Finding
+from verify.findings import Finding, json_number, number_from_json
 from verify.isolation import Worker
 from verify.stats import Stats
 from verify.targets.base import DEFAULT_DTYPES, Adapter, TargetInfo
@@ -153,7 +152,7 @@ class Campaign:
             "coverage": self.coverage,
             "incomplete": self.incomplete,
             "seconds": self.seconds,
-            "worst_ratio": {dtype: {name: _strict(r) for name, r in ratios.items()}
+            "worst_ratio": {dtype: {name: json_number(r) for name, r in ratios.items()}
                             for dtype, ratios in self.worst_ratio.items()},
             "interrupted": self.interrupted,
             "declined": self.declined,
@@ -173,18 +172,13 @@ class Campaign:
         return cls(
             d["target"], dict(d["settings"]), list(d["checks"]), list(d["unexercised_features"]),
             examples=dict(d["examples"]), findings=[Finding.from_json(f) for f in d["findings"]],
-            worst_ratio={k: {name: float(r) if isinstance(r, str) else r for name, r in v.items()}
+            worst_ratio={k: {name: number_from_json(r) for name, r in v.items()}
                          for k, v in d["worst_ratio"].items()}, seconds=dict(d["seconds"]),
             coverage=dict(d["coverage"]), interrupted=d["interrupted"],
             provisional=[Finding.from_json(f) for f in d["unshrunk_findings"]],
             declined={k: dict(v) for k, v in d["declined"].items()}, unconstrained_rows=d["unconstrained_rows"],
             references=dict(d["references"]), stats=Stats.from_json(d["stats"]), case_sequence=d["case_sequence"],
             timeouts=list(d["timeouts"]), workers=dict(d["workers"]))
-
-
-def _strict(x: float | None) -> float | str | None:
-    """A number for strict JSON: "inf", "-inf" or "nan" where it is not finite (as findings write them)."""
-    return str(x) if x is not None and not math.isfinite(x) else x
 
 
 def layouts_for(info: TargetInfo) -> tuple[str, ...]:

@@ -236,9 +236,10 @@ def run_group(task: Task) -> list[dict]:
                           "reference": truth.exact.reference,
                           "naive64_vs_mp": truth.naive64_vs_mp, **figs})
         names = {s["reference"] for s in seeds if "reference" in s}
+        declined = sum("declined" in s for s in seeds)
         done.append({**cell, "id": cell_id(task.context, cell),
                      "reference": names.pop() if len(names) == 1 else "mixed" if names else "none",
                      "errors": sum("error" in s for s in seeds), "outputs": _aggregate(seeds, pooled),
                      "seeds": seeds, "seconds": {"reference": t_ref, "target": t_target},
-                     **({"declined": n} if (n := sum("declined" in s for s in seeds)) else {})})
+                     **({"declined": declined} if declined else {})})
     return done

@@ -44,8 +44,8 @@ __all__ = [
     "families",
     "length_menu",
     "make_case",
-    "sample_cases",
     "masks",
+    "sample_cases",
     "shapes",
     "values",
 ]

@@ -4,7 +4,7 @@
 chunk None or 1, the first family and mask kind, ``scale=None``); ``example_case`` samples the
 same menus from a numpy seed; ``make_case`` builds one case of an explicit shape, family, mask kind
 and chunk sizes (accuracy sweeps); ``sample_cases`` draws independent cases from ``cases``' menus
-(coverage comparisons). All three assemble the case in one function, ``_assemble``,
+(coverage comparisons). All four assemble the case in one function, ``_assemble``,
 which also picks, in one place, the key block that chunk-aligned families and mask kinds align to:
 the case's key chunk, or a block drawn from the chunk menu when the target chooses its own chunks
 (recorded as ``meta["key_block"]``).
